@@ -1,0 +1,300 @@
+"""``DistributedMuon``: Moonlight's Muon over pieces of matrices spread across ranks.
+
+A ``torch.optim.Optimizer`` whose tensors are this rank's pieces: tensor-parallel shards, ZeRO-1
+flat partitions (one tensor may hold pieces of many parameters), or whole parameters. Muon groups
+say where each tensor's pieces belong through ``layouts`` (one entry per tensor: a
+:class:`ParamLayout`, or a list of ``(ParamLayout, flat offset in the tensor)``). At construction
+every rank all-gathers the holdings and computes the same :class:`Plan`; each step then runs the
+momentum on local pieces, the :class:`MuonExchange`, and scale, weight decay and lr locally.
+
+Promise: after any number of steps every rank's pieces equal what :class:`muon_megatron.Muon`
+computes on the full matrices in one process, within float rounding (bitwise for the element-wise
+parts; Newton-Schulz batches may round differently). Each matrix is orthogonalised once per step.
+Momentum exists only for the local pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
+from ..core.optimizer import NonFiniteGradientError, adamw_step_, validate_hyperparameters
+from ..core.update import apply_update_, momentum_, update_scale
+from .layout import MatrixHolding, ParamLayout, holdings, view_rects
+from .plan import Plan, PlanError, make_plan
+from .runtime import MuonExchange, rect_view
+
+logger = logging.getLogger(__name__)
+
+_NS_KEYS = ("ns_steps", "ns_coefficients", "ns_dtype")
+
+
+def _normalise_layouts(entry, tensor: torch.Tensor, where: str) -> list[tuple[ParamLayout, int]]:
+    pieces = [(entry, 0)] if isinstance(entry, ParamLayout) else [(lay, int(off)) for lay, off in entry]
+    for lay, off in pieces:
+        if not isinstance(lay, ParamLayout):
+            raise ValueError(f"{where}: layouts entries must be ParamLayout or (ParamLayout, offset), got {lay!r}")
+        if off < 0 or off + lay.numel > tensor.numel():
+            raise ValueError(
+                f"{where}: piece of {lay.key!r} at offset {off} with {lay.numel} elements does not fit a "
+                f"tensor of {tensor.numel()} elements"
+            )
+    return pieces
+
+
+class DistributedMuon(torch.optim.Optimizer):
+    """Muon over a process group; AdamW (plain, local) for ``use_muon=False`` groups.
+
+    Args are those of :class:`muon_megatron.Muon` plus ``process_group`` (None: the default
+    group when torch.distributed is initialised, else a single process). Muon groups need
+    ``layouts``; every rank of ``process_group`` must construct the optimizer (it is collective).
+    Newton-Schulz settings (steps, coefficients, dtype) must be the same for all Muon groups.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 4.2e-4,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        ns_steps: int = 5,
+        ns_coefficients: CoefficientSpec = "moonlight",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        update_scale: str = "moonlight",
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        nonfinite: str = "skip",
+        report_update_rms: bool = False,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, update_scale=update_scale,
+            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_muon=True,
+        )
+        validate_hyperparameters(dict(defaults, nonfinite=nonfinite))
+        self.nonfinite = nonfinite
+        self.report_update_rms = report_update_rms
+        self.last_update_rms: dict[int, float] = {}
+        self.skipped_steps = 0
+        self.group = process_group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(process_group) if self.distributed else 0
+        self.world_size = dist.get_world_size(process_group) if self.distributed else 1
+        super().__init__(params, defaults)
+        self.plan, self.exchange = self._build_plan()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_hyperparameters(group)
+        if not group["use_muon"]:
+            if "layouts" in group:
+                raise ValueError("a use_muon=False (AdamW) group takes no 'layouts'")
+            return
+        if "layouts" not in group or len(group["layouts"]) != len(group["params"]):
+            raise ValueError(
+                "each Muon param group of DistributedMuon needs 'layouts': one ParamLayout (or list of "
+                "(ParamLayout, offset)) per tensor in 'params'"
+            )
+        group["layouts"] = [
+            _normalise_layouts(entry, p, f"param group {len(self.param_groups) - 1}, tensor {i}")
+            for i, (entry, p) in enumerate(zip(group["layouts"], group["params"]))
+        ]
+        for p in group["params"]:
+            if not p.is_contiguous():
+                raise ValueError("DistributedMuon needs contiguous tensors (pieces are flat ranges of them)")
+
+    def _slots(self):
+        """(group, tensor, layout, offset) for every local piece, in slot order."""
+        for group in self.param_groups:
+            if group["use_muon"]:
+                for p, pieces in zip(group["params"], group["layouts"]):
+                    for layout, offset in pieces:
+                        yield group, p, layout, offset
+
+    def _build_plan(self) -> tuple[Plan, MuonExchange]:
+        muon_groups = [g for g in self.param_groups if g["use_muon"]]
+        ns = {k: (muon_groups[0][k] if muon_groups else self.defaults[k]) for k in _NS_KEYS}
+        for g in muon_groups:
+            if any(g[k] != ns[k] for k in _NS_KEYS):
+                raise ValueError(f"all Muon groups must share {_NS_KEYS}; got {ns} and { {k: g[k] for k in _NS_KEYS} }")
+        self.ns = ns
+        local: list[MatrixHolding] = []
+        error = None
+        try:
+            for slot, (_, _, layout, _) in enumerate(self._slots()):
+                local.extend(holdings(layout, self.rank, slot))
+        except ValueError as err:
+            error = f"rank {self.rank}: {err}"
+        mine = (local, error, repr(tuple(ns.values())))
+        gathered = [mine]
+        if self.distributed and self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, mine, group=self.group)
+        errors = [e for _, e, _ in gathered if e]
+        if errors:
+            raise PlanError("; ".join(errors))
+        if len({cfg for _, _, cfg in gathered}) > 1:
+            raise PlanError(f"ranks disagree on Newton-Schulz settings {_NS_KEYS}: {[c for _, _, c in gathered]}")
+        plan = make_plan([h for hs, _, _ in gathered for h in hs], self.world_size, ns_steps=ns["ns_steps"])
+        logger.debug("%s", plan.summary())
+        return plan, MuonExchange(plan, self.rank, self.group if self.distributed else None)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _all_finite(self) -> bool:
+        """True when every gradient on every rank is finite (one small all-reduce)."""
+        flags, where = [], []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None and group["use_muon"]:
+                    raise ValueError(
+                        f"DistributedMuon: tensor {i} of Muon group {gi} has no gradient; every rank's "
+                        "pieces need one (a zero gradient is fine)"
+                    )
+                if p.grad is not None:
+                    flags.append(torch.isfinite(p.grad).all())
+                    name = group.get("names", [None] * (i + 1))[i]
+                    where.append(f"tensor {i} of group {gi}" + (f" ({name})" if name else ""))
+        local = torch.stack(flags).tolist() if flags else []
+        ok = all(local)
+        if self.distributed and self.world_size > 1:
+            flag = torch.tensor([0.0 if ok else 1.0], device=flags[0].device if flags else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            ok = flag.item() == 0.0
+        if ok:
+            return True
+        bad = [w for w, f in zip(where, local) if not f]
+        message = f"non-finite gradient on rank {self.rank}: {', '.join(bad) or '(on another rank)'}"
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(message)
+        self.skipped_steps += 1
+        warnings.warn(f"DistributedMuon: {message}; step skipped on every rank, state untouched", RuntimeWarning)
+        return False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._all_finite():
+            return loss
+        slots = list(self._slots())
+        inputs = []
+        for group, p, layout, offset in slots:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            buf = state["momentum_buffer"].view(-1).narrow(0, offset, layout.numel)
+            grad = p.grad.reshape(-1).narrow(0, offset, layout.numel)
+            inputs.append(momentum_(buf, grad, group["momentum"], group["nesterov"]))
+        updates = [torch.empty(layout.numel, dtype=torch.float32, device=p.device) for _, p, layout, _ in slots]
+
+        def deliver(slot: int, holding: MatrixHolding, data: torch.Tensor) -> None:
+            scale = update_scale(slots[slot][0]["update_scale"], *holding.shape)
+            pos = 0
+            for r in holding.rects:
+                rect_view(updates[slot], r).copy_(data[pos : pos + r.numel].view(r.rows, r.cols).float().mul_(scale))
+                pos += r.numel
+
+        self.exchange.run(
+            inputs, deliver, steps=self.ns["ns_steps"], coefficients=self.ns["ns_coefficients"], dtype=self.ns["ns_dtype"]
+        )
+        sums: dict[int, list] = {}
+        index = {id(g): i for i, g in enumerate(self.param_groups)}
+        for (group, p, layout, offset), update in zip(slots, updates):
+            piece = p.view(-1).narrow(0, offset, layout.numel)
+            apply_update_(piece, update, lr=group["lr"], weight_decay=group["weight_decay"])
+            if self.report_update_rms:
+                acc = sums.setdefault(index[id(group)], [0.0, 0])
+                acc[0] += float(update.square().sum()) * group["lr"] ** 2
+                acc[1] += update.numel()
+        for gi, group in enumerate(self.param_groups):
+            if group["use_muon"]:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                exp_avg, denom, step_size = adamw_step_(
+                    p, p.grad, self.state[p], lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
+                    weight_decay=group["weight_decay"],
+                )
+                if self.report_update_rms:
+                    acc = sums.setdefault(gi, [0.0, 0])
+                    acc[0] += float((exp_avg / denom).square().sum()) * step_size**2
+                    acc[1] += p.numel()
+        if self.report_update_rms:
+            self.last_update_rms = self._reduce_rms(sums)
+            logger.info("update RMS per group: %s", {k: f"{v:.3e}" for k, v in self.last_update_rms.items()})
+        return loss
+
+    def _reduce_rms(self, sums: dict[int, list]) -> dict[int, float]:
+        n = len(self.param_groups)
+        t = torch.zeros(2 * n, dtype=torch.float64)
+        for gi, (sq, count) in sums.items():
+            t[2 * gi], t[2 * gi + 1] = sq, count
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(t, group=self.group)
+        return {gi: math.sqrt(t[2 * gi] / t[2 * gi + 1]) for gi in range(n) if t[2 * gi + 1] > 0}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def momentum_pieces(self) -> list[dict]:
+        """This rank's momentum as layout-independent pieces: per local piece its parameter key,
+        the full view shape, and each rectangle of the full view with its values. Load them, from
+        all ranks of a run with any other layout, with :meth:`load_momentum_pieces`."""
+        out = []
+        for group, p, layout, offset in self._slots():
+            buf = self.state[p].get("momentum_buffer")
+            flat = buf.view(-1).narrow(0, offset, layout.numel) if buf is not None else None
+            for (row, col, rows, cols), start in view_rects(layout):
+                stride = layout.shard_rect[3]
+                values = None
+                if flat is not None:
+                    values = flat.narrow(0, start, (rows - 1) * stride + cols).as_strided((rows, cols), (stride, 1)).clone()
+                out.append({"key": layout.key, "view": layout.view_shape, "rect": (row, col, rows, cols), "values": values})
+        return out
+
+    def load_momentum_pieces(self, pieces: Sequence[dict]) -> None:
+        """Fill this rank's momentum from pieces saved by :meth:`momentum_pieces` on any layout.
+        Every element of every local piece must be covered; else ValueError naming the parameter."""
+        by_key: dict[str, list[dict]] = {}
+        for piece in pieces:
+            by_key.setdefault(piece["key"], []).append(piece)
+        for group, p, layout, offset in self._slots():
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            flat = state["momentum_buffer"].view(-1).narrow(0, offset, layout.numel)
+            stride = layout.shard_rect[3]
+            covered = 0
+            for (row, col, rows, cols), start in view_rects(layout):
+                target = flat.narrow(0, start, (rows - 1) * stride + cols).as_strided((rows, cols), (stride, 1))
+                for saved in by_key.get(layout.key, []):
+                    if saved["values"] is None:
+                        continue
+                    if tuple(saved["view"]) != tuple(layout.view_shape):
+                        raise ValueError(f"momentum of {layout.key!r} saved for view {saved['view']}, now {layout.view_shape}")
+                    sr, sc, sh, sw = saved["rect"]
+                    r0, c0 = max(row, sr), max(col, sc)
+                    r1, c1 = min(row + rows, sr + sh), min(col + cols, sc + sw)
+                    if r1 > r0 and c1 > c0:
+                        target[r0 - row : r1 - row, c0 - col : c1 - col] = saved["values"][r0 - sr : r1 - sr, c0 - sc : c1 - sc]
+                        covered += (r1 - r0) * (c1 - c0)
+            if covered != layout.numel:
+                raise ValueError(
+                    f"momentum checkpoint covers {covered} of {layout.numel} elements of {layout.key!r} on this "
+                    "rank; pass the pieces saved by every rank of the earlier run"
+                )

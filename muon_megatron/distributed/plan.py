@@ -1,0 +1,170 @@
+"""The planner: holdings of every rank in, a frozen plan out. Pure: no process groups.
+
+For every logical matrix the plan names one *owner* among the ranks that hold a piece of it
+(longest-processing-time greedy on Newton-Schulz FLOPs, so the work is balanced), the *sources*
+that send the owner each region (one replica per region, the owner itself where it holds it), and
+the *returns*: every holding receives its region of the result. Owned matrices are bucketed by
+shape for batched Newton-Schulz. Every rank computes the same plan from the same all-gathered
+holdings, so a bad layout fails on every rank with the same message, before any collective.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+from .layout import MatrixHolding
+
+
+def ns_flops(m: int, n: int, steps: int = 5) -> float:
+    """Dense FLOPs of ``steps`` Newton-Schulz iterations on an ``m x n`` matrix:
+    per step ``4 s^2 l + 2 s^3`` with ``s = min(m, n)``, ``l = max(m, n)`` (MOONLIGHT.md)."""
+    s, l = min(m, n), max(m, n)
+    return steps * (4.0 * s * s * l + 2.0 * s**3)
+
+
+class PlanError(ValueError):
+    """The holdings do not describe a consistent layout; the message names the matrix."""
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """One logical matrix: ``owner`` orthogonalises it; ``sources`` (holdings) send it their
+    regions; ``returns`` (holdings, replicas included) receive their regions of the result."""
+
+    name: str
+    shape: tuple[int, int]
+    owner: int
+    flops: float
+    sources: tuple[MatrixHolding, ...]
+    returns: tuple[MatrixHolding, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The frozen plan. ``matrices`` in a canonical order (every rank iterates it the same way);
+    ``buckets[rank]``: ``(shape, matrix indices)`` batches that rank orthogonalises;
+    ``flops[rank]``; ``gather_elems[rank]`` / ``return_elems[rank]``: elements the rank sends
+    in the gather and in the return exchange."""
+
+    world_size: int
+    matrices: tuple[MatrixPlan, ...]
+    buckets: tuple[tuple[tuple[tuple[int, int], tuple[int, ...]], ...], ...]
+    flops: tuple[float, ...]
+    gather_elems: tuple[int, ...]
+    return_elems: tuple[int, ...]
+
+    @property
+    def imbalance(self) -> float:
+        """max-rank / mean-rank NS FLOPs (1.0 is perfect balance)."""
+        mean = sum(self.flops) / max(1, len(self.flops))
+        return max(self.flops) / mean if mean else 1.0
+
+    def send_bytes(self, element_size: int = 2) -> list[int]:
+        """Bytes each rank sends per step (gather + return), at ``element_size`` bytes/element."""
+        return [(g + r) * element_size for g, r in zip(self.gather_elems, self.return_elems)]
+
+    def owned(self, rank: int) -> list[int]:
+        return [i for i, m in enumerate(self.matrices) if m.owner == rank]
+
+    def summary(self) -> str:
+        lines = [f"plan: {len(self.matrices)} matrices on {self.world_size} ranks, "
+                 f"NS imbalance {self.imbalance:.3f}"]
+        for r in range(self.world_size):
+            lines.append(
+                f"  rank {r}: {len(self.owned(r))} owned, {self.flops[r] / 1e9:.2f} GFLOP, "
+                f"sends {self.gather_elems[r]} + {self.return_elems[r]} elements"
+            )
+        return "\n".join(lines)
+
+
+def _replica_classes(name: str, shape, holdings: Sequence[MatrixHolding]) -> list[list[MatrixHolding]]:
+    """Group holdings of one matrix into replica classes (identical regions) and check that the
+    classes tile the matrix: disjoint, inside it, covering every element exactly once."""
+    m, n = shape
+    classes: dict[tuple, list[MatrixHolding]] = {}
+    for h in holdings:
+        if tuple(h.shape) != tuple(shape):
+            raise PlanError(f"matrix {name!r}: rank {h.rank} says shape {h.shape}, rank {holdings[0].rank} says {shape}")
+        classes.setdefault(h.geometry, []).append(h)
+    cells = []
+    for geometry in classes:
+        for row, col, rows, cols in geometry:
+            if row < 0 or col < 0 or row + rows > m or col + cols > n:
+                raise PlanError(f"matrix {name!r}: region {(row, col, rows, cols)} lies outside {shape}")
+            cells.append((row, col, rows, cols))
+    if sum(r * c for _, _, r, c in cells) != m * n:
+        covered = sum(r * c for _, _, r, c in cells)
+        raise PlanError(
+            f"matrix {name!r}: the ranks' pieces cover {covered} of {m * n} elements "
+            f"(holders {sorted({h.rank for h in holdings})}); a piece is missing or overlaps another"
+        )
+    cells.sort()
+    # Equal total area plus pairwise disjointness means an exact tiling.
+    by_row = sorted(cells)
+    for i, a in enumerate(by_row):
+        for b in by_row[i + 1 :]:
+            if b[0] >= a[0] + a[2]:
+                break
+            if b[1] < a[1] + a[3] and a[1] < b[1] + b[3]:
+                raise PlanError(f"matrix {name!r}: pieces {a} and {b} overlap without being replicas")
+    return [classes[g] for g in sorted(classes)]
+
+
+def make_plan(holdings: Sequence[MatrixHolding], world_size: int, *, ns_steps: int = 5) -> Plan:
+    """Build the plan from the holdings of all ranks (ranks in ``range(world_size)``).
+
+    Raises :class:`PlanError` naming the matrix for inconsistent shapes, gaps or overlaps.
+    Deterministic: the same holdings in any order give the same plan.
+    """
+    by_matrix: dict[str, list[MatrixHolding]] = defaultdict(list)
+    for h in holdings:
+        if not 0 <= h.rank < world_size:
+            raise PlanError(f"matrix {h.matrix!r}: holder rank {h.rank} outside world of {world_size}")
+        by_matrix[h.matrix].append(h)
+    names = sorted(by_matrix)
+    classes = {}
+    for name in names:
+        hs = sorted(by_matrix[name], key=lambda h: (h.rank, h.slot, h.geometry))
+        classes[name] = _replica_classes(name, hs[0].shape, hs)
+    flops = {name: ns_flops(*by_matrix[name][0].shape, steps=ns_steps) for name in names}
+
+    # Longest-processing-time greedy: heaviest first onto the least-loaded holder; ties go to
+    # the holder with more of the matrix (less traffic), then the lower rank.
+    load = [0.0] * world_size
+    owner = {}
+    for name in sorted(names, key=lambda x: (-flops[x], x)):
+        held = defaultdict(int)
+        for h in by_matrix[name]:
+            held[h.rank] += h.numel
+        best = min(held, key=lambda r: (load[r], -held[r], r))
+        owner[name] = best
+        load[best] += flops[name]
+
+    gather = [0] * world_size
+    back = [0] * world_size
+    plans = []
+    buckets: list[dict] = [defaultdict(list) for _ in range(world_size)]
+    for index, name in enumerate(names):
+        o = owner[name]
+        sources = []
+        for cls in classes[name]:
+            mine = [h for h in cls if h.rank == o]
+            src = mine[0] if mine else min(cls, key=lambda h: (gather[h.rank], h.rank, h.slot))
+            if src.rank != o:
+                gather[src.rank] += src.numel
+            sources.append(src)
+        returns = [h for cls in classes[name] for h in cls]
+        back[o] += sum(h.numel for h in returns if h.rank != o)
+        shape = tuple(by_matrix[name][0].shape)
+        plans.append(MatrixPlan(name, shape, o, flops[name], tuple(sources), tuple(returns)))
+        buckets[o][shape].append(index)
+    return Plan(
+        world_size,
+        tuple(plans),
+        tuple(tuple((shape, tuple(ix)) for shape, ix in sorted(b.items())) for b in buckets),
+        tuple(load),
+        tuple(gather),
+        tuple(back),
+    )

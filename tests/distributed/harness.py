@@ -1,0 +1,56 @@
+"""Spawn gloo ranks on 127.0.0.1 and collect what each returns (tests only)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, outdir, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, os.path.join(outdir, f"{rank}.pt"))
+    except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
+        torch.save({"error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 300):
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the list of results.
+    ``fn`` must be importable (module level). Any rank's exception is raised here with its traceback."""
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(_entry, args=(world, free_port(), outdir, fn, args), nprocs=world, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"{world} ranks did not finish in {timeout} s (a hang in a collective?)")
+        results = []
+        for rank in range(world):
+            path = os.path.join(outdir, f"{rank}.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {rank} returned nothing")
+            out = torch.load(path, weights_only=False)
+            if "error" in out:
+                raise RuntimeError(f"rank {rank} failed:\n{out['error']}")
+            results.append(out["ok"])
+        return results

@@ -1,0 +1,126 @@
+"""The planner on its own: pure functions, no process groups."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import muon_megatron as mm
+from muon_megatron.distributed import (
+    AlignItem,
+    ParamLayout,
+    ParamSpec,
+    PlanError,
+    aligned_layout,
+    bucketed_layouts,
+    flat_layouts,
+    holdings,
+    make_plan,
+    ns_flops,
+)
+
+
+def _plan_of(per_rank):
+    hs = [h for r, layouts in enumerate(per_rank) for s, lay in enumerate(layouts) for h in holdings(lay, r, s)]
+    return make_plan(hs, len(per_rank))
+
+
+def test_ns_flops_matches_the_dense_formula_for_wide_and_tall():
+    m, n = 1408, 2048
+    assert ns_flops(m, n) == 20 * m * m * n + 10 * m**3
+    assert ns_flops(n, m) == ns_flops(m, n)
+
+
+def test_holdings_of_a_flat_range_tile_exactly_that_range():
+    rng = random.Random(0)
+    for _ in range(50):
+        R, C = rng.randint(1, 9), rng.randint(1, 9)
+        a = rng.randint(0, R * C - 1)
+        b = rng.randint(a + 1, R * C)
+        (h,) = holdings(ParamLayout("w", (R, C), flat_range=(a, b)), 0, 0)
+        cells = {(r.row + i, r.col + j) for r in h.rects for i in range(r.rows) for j in range(r.cols)}
+        assert cells == {divmod(k, C) for k in range(a, b)}
+        # buffer offsets address exactly the range, relative to its start
+        offsets = {r.offset + i * r.stride + j for r in h.rects for i in range(r.rows) for j in range(r.cols)}
+        assert offsets == set(range(b - a))
+
+
+def test_plan_owner_holds_a_piece_and_every_matrix_has_one_owner():
+    specs = [ParamSpec(f"w{i}", (32, 48 + i)) for i in range(12)]
+    plan = _plan_of(flat_layouts(specs, 4))
+    assert len(plan.matrices) == 12
+    for mp in plan.matrices:
+        assert mp.owner in {h.rank for h in mp.sources}
+
+
+def test_plan_is_independent_of_holding_order():
+    specs = [ParamSpec(f"w{i}", (16, 24)) for i in range(9)] + [ParamSpec("e", (4, 8, 8), mm.ExpertStack(4))]
+    per_rank = flat_layouts(specs, 3)
+    hs = [h for r, ls in enumerate(per_rank) for s, lay in enumerate(ls) for h in holdings(lay, r, s)]
+    shuffled = hs[:]
+    random.Random(1).shuffle(shuffled)
+    assert make_plan(hs, 3) == make_plan(shuffled, 3)
+
+
+def test_lpt_balances_many_equal_matrices_within_5_percent():
+    specs = [ParamSpec(f"expert{i}", (1408, 2048)) for i in range(256)]
+    plan = _plan_of(flat_layouts(specs, 8))
+    assert plan.imbalance <= 1.05
+
+
+def test_same_shape_matrices_of_one_owner_share_one_bucket():
+    specs = [ParamSpec(f"w{i}", (8, 8)) for i in range(6)] + [ParamSpec(f"v{i}", (4, 8)) for i in range(6)]
+    plan = _plan_of([[ParamLayout(s.key, s.shape) for s in specs]])  # one rank holds everything
+    assert sorted(shape for shape, _ in plan.buckets[0]) == [(4, 8), (8, 8)]
+    assert all(len(ix) == 6 for _, ix in plan.buckets[0])
+
+
+def test_inconsistent_shapes_between_ranks_name_the_matrix():
+    with pytest.raises(PlanError, match="'w'"):
+        _plan_of([[ParamLayout("w", (4, 6), flat_range=(0, 12))], [ParamLayout("w", (6, 4), flat_range=(12, 24))]])
+
+
+def test_a_piece_that_no_rank_holds_is_an_error_naming_the_matrix():
+    with pytest.raises(PlanError, match=r"'w'.*cover 20 of 24"):
+        _plan_of([[ParamLayout("w", (4, 6), flat_range=(0, 12))], [ParamLayout("w", (4, 6), flat_range=(16, 24))]])
+
+
+def test_overlapping_pieces_that_are_not_replicas_are_an_error():
+    with pytest.raises(PlanError, match="'w'"):
+        _plan_of([[ParamLayout("w", (4, 6), flat_range=(0, 14))], [ParamLayout("w", (4, 6), flat_range=(10, 24))],
+                  [ParamLayout("w", (4, 6), flat_range=(0, 4))]])
+
+
+def test_replicas_are_sent_once_and_all_get_results():
+    per_rank = [[ParamLayout("w", (8, 8))] for _ in range(4)]
+    plan = _plan_of(per_rank)
+    (mp,) = plan.matrices
+    assert len(mp.sources) == 1 and mp.sources[0].rank == mp.owner
+    assert sorted(h.rank for h in mp.returns) == [0, 1, 2, 3]
+    assert sum(plan.gather_elems) == 0 and sum(plan.return_elems) == 3 * 64
+
+
+def test_aligned_layout_puts_each_matrix_whole_in_one_partition_and_needs_no_gather():
+    rng = random.Random(3)
+    specs = [ParamSpec(f"w{i}", (rng.randint(4, 40), rng.randint(4, 40))) for i in range(30)]
+    specs += [ParamSpec(f"norm{i}", (rng.randint(4, 40),), use_muon=False) for i in range(5)]
+    dp = 4
+    items = [AlignItem(s.key, s.numel, ns_flops(*s.shape) if s.use_muon else 0.0) for s in specs]
+    layout = aligned_layout(items, dp)
+    size = layout.partition_size
+    for s in specs:
+        start = layout.offsets[s.key]
+        assert start // size == (start + s.numel - 1) // size == layout.rank_of[s.key]
+    per_rank = [[ParamLayout(s.key, s.shape) for s in specs if s.use_muon and layout.rank_of[s.key] == r] for r in range(dp)]
+    plan = _plan_of(per_rank)
+    assert sum(plan.gather_elems) == 0 and sum(plan.return_elems) == 0
+    assert plan.imbalance == pytest.approx(max(layout.flops) / (sum(layout.flops) / dp))
+
+
+def test_bucketed_layouts_cover_every_muon_element_once():
+    specs = [ParamSpec(f"w{i}", (30, 50)) for i in range(10)] + [ParamSpec("b", (50,), use_muon=False)]
+    per_rank = bucketed_layouts(specs, 4, bucket_numel=3000)
+    plan = _plan_of(per_rank)  # make_plan validates the tiling
+    assert len(plan.matrices) == 10
+    assert sum(lay.numel for ls in per_rank for lay in ls) == 10 * 1500
