@@ -201,20 +201,25 @@ def view_rects(layout: ParamLayout) -> list[tuple[Rect, int]]:
 @dataclass(frozen=True)
 class AlignItem:
     """A parameter to place in a flat buffer: ``key``, ``numel`` and its Newton-Schulz FLOPs
-    (0 for AdamW parameters, which only fill space)."""
+    (0 for AdamW parameters, which only fill space). ``parts``: optionally, ``(numel, flops)`` of
+    its logical matrices in memory order, when each is a contiguous run (a whole matrix, halves
+    of ``gate|up``, stacked experts); it lets an oversized item be balanced matrix by matrix."""
 
     key: str
     numel: int
     flops: float = 0.0
+    parts: tuple = ()
 
 
 @dataclass(frozen=True)
 class AlignedLayout:
-    """A flat-buffer order in which every parameter lies whole in one data-parallel partition.
+    """A flat-buffer order in which every parameter but the oversized ones lies whole in one
+    data-parallel partition.
 
-    ``order``: parameter keys in buffer order; ``offsets``: key -> flat offset; ``partition_size``:
-    elements per rank (the buffer is ``dp * partition_size``); ``rank_of``: key -> partition;
-    ``padding``: unused elements per rank; ``flops``: NS FLOPs per rank."""
+    ``order``: keys in buffer order; ``offsets``: key -> flat offset; ``partition_size``: elements
+    per rank (the buffer is ``dp * partition_size``); ``rank_of``: key -> partition (None for an
+    oversized item, which is cut over consecutive partitions and gathered as usual); ``padding``:
+    unused elements per rank; ``flops``: expected NS FLOPs per rank."""
 
     order: tuple[str, ...]
     offsets: dict = field(hash=False)
@@ -223,45 +228,125 @@ class AlignedLayout:
     padding: tuple[int, ...]
     flops: tuple[float, ...]
 
+    def layouts(self, params: Sequence["ParamSpec"]) -> list[list[ParamLayout]]:
+        """Per rank, the :class:`ParamLayout` s of its pieces (whole items, or ranges of the
+        oversized ones)."""
+        return _partition(params, self.offsets, self.partition_size * len(self.padding), len(self.padding))
+
 
 def aligned_layout(items: Sequence[AlignItem], dp: int, *, align: int = 1) -> AlignedLayout:
-    """Order ``items`` so each lies whole in one of ``dp`` equal partitions.
+    """Order ``items`` so that each lies whole in one of ``dp`` equal partitions, balanced by FLOPs.
 
-    Muon parameters (flops > 0) are placed by longest-processing-time greedy on FLOPs (ties: fewer
-    elements); the others then fill the partitions with the fewest elements. Each partition is
-    padded to the largest, rounded up to ``align``. Deterministic for a given input.
+    Meant for a buffer of Muon parameters only (a Megatron bucket or a DeepSpeed param group of
+    their own; AdamW parameters keep the engine's usual flat sharding in theirs), one item per
+    unit that may be placed on its own: a parameter, or each expert where experts are separate
+    parameters. An item heavier than a rank's fair share of FLOPs (say a fused dense ``gate|up``
+    at high DP) cannot be balanced whole: such *oversized* items go first, cut over consecutive
+    partitions, and their matrices are gathered from those few ranks as in the default layout.
+    The others are placed by longest-processing-time greedy on FLOPs (ties: fewer elements) into
+    partitions with room; items with flops 0 fill the emptiest partitions. The partition size
+    starts at the fair share of elements and grows by 2 % until everything fits. Deterministic.
     """
     if dp < 1:
         raise ValueError(f"dp must be >= 1, got {dp}")
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("aligned_layout: duplicate parameter keys")
-    flops = [0.0] * dp
-    fill = [0] * dp
-    members: list[list[str]] = [[] for _ in range(dp)]
-    muon = sorted((it for it in items if it.flops > 0), key=lambda it: (-it.flops, -it.numel, it.key))
+    total_flops = sum(it.flops for it in items)
+    total_numel = sum(it.numel for it in items)
+    big = [it for it in items if dp > 1 and it.flops > total_flops / dp]
+    muon = sorted((it for it in items if it.flops > 0 and it not in big), key=lambda it: (-it.flops, -it.numel, it.key))
     rest = sorted((it for it in items if it.flops <= 0), key=lambda it: (-it.numel, it.key))
-    for it in muon:
-        r = min(range(dp), key=lambda i: (flops[i], fill[i], i))
-        flops[r] += it.flops
-        fill[r] += it.numel
-        members[r].append(it.key)
-    for it in rest:
-        r = min(range(dp), key=lambda i: (fill[i], i))
-        fill[r] += it.numel
-        members[r].append(it.key)
-    size = max(fill) if fill else 0
-    size = -(-size // align) * align
-    numel = {it.key: it.numel for it in items}
-    order, offsets, rank_of = [], {}, {}
+    largest = max([it.numel for it in muon + rest] + [max((n for n, _ in it.parts), default=0) for it in big])
+    size = first = max(-(-total_numel // dp), largest, 1)
+    best = None
+    # Grow the partition (more padding) while capacity, not FLOPs, decides the placement: stop at
+    # 1.05 imbalance or 25 % growth, keeping the best placement seen.
+    while size <= 1.25 * first or best is None:
+        size = -(-size // align) * align
+        placed = _place(big, muon, rest, dp, size)
+        if placed is not None:
+            imbalance = max(placed[0]) / (sum(placed[0]) / dp) if sum(placed[0]) else 1.0
+            if best is None or imbalance < best[0] - 1e-9:
+                best = (imbalance, size, placed)
+            if imbalance <= 1.05:
+                break
+        size = int(size * 1.02) + 1
+    _, size, placed = best
+    flops, fill, offsets, rank_of = placed
+    order = tuple(sorted(offsets, key=lambda k: offsets[k]))
+    return AlignedLayout(order, offsets, rank_of, size, tuple(size - f for f in fill), tuple(flops))
+
+
+def _big_start(pos: int, item: AlignItem, size: int) -> int:
+    """Where an oversized item starts: at ``pos`` or later, so that a partition boundary falls on
+    the part boundary nearest its middle (each half then lies in its own partition)."""
+    cuts, acc = [], 0
+    for numel, _ in item.parts[:-1]:
+        acc += numel
+        cuts.append(acc)
+    if not cuts:
+        return pos
+    cut = min(cuts, key=lambda c: (abs(c - item.numel / 2), c))
+    return max(pos, -(-(pos + cut) // size) * size - cut)
+
+
+def _place(big, muon, rest, dp, size):
+    """Greedy placement at one partition size: (flops, fill, members) or None if it does not fit."""
+    flops, fill = [0.0] * dp, [0] * dp
+    pos = 0
+    offsets: dict = {}
+    rank_of: dict = {}
+    for it in big:  # cut over consecutive partitions, after padding so the cut falls between matrices
+        start = _big_start(pos, it, size)
+        offsets[it.key], rank_of[it.key] = start, None
+        # Each matrix is expected on the partition holding most of it (the planner's tie-break);
+        # without parts, the FLOPs are spread in proportion to the elements.
+        pos = start
+        for numel, f in it.parts or [(it.numel, it.flops)]:
+            shares = {r: min(pos + numel, (r + 1) * size) - max(pos, r * size)
+                      for r in range(pos // size, min(dp, -(-(pos + numel) // size)))}
+            if it.parts:
+                flops[max(shares, key=lambda r: (shares[r], -r))] += f
+            else:
+                for r, share in shares.items():
+                    flops[r] += f * share / numel
+            pos += numel
+    if pos > dp * size:
+        return None
+    # Free space per partition: before the first oversized item and after the last (the padding
+    # in front of an oversized item stays free for whole items).
+    taken_lo = min(offsets.values()) if offsets else 0
+    free = []  # per partition: list of [next free position, end]
     for r in range(dp):
-        pos = r * size
-        for key in members[r]:
-            order.append(key)
-            offsets[key] = pos
-            rank_of[key] = r
-            pos += numel[key]
-    return AlignedLayout(tuple(order), offsets, rank_of, size, tuple(size - f for f in fill), tuple(flops))
+        lo, hi = r * size, (r + 1) * size
+        segments = []
+        if lo < taken_lo:
+            segments.append([lo, min(hi, taken_lo)])
+        if hi > pos:
+            segments.append([max(lo, pos), hi])
+        free.append(segments)
+        fill[r] = size - sum(b - a for a, b in segments)
+
+    def put(it, choose):
+        room = [r for r in range(dp) if any(b - a >= it.numel for a, b in free[r])]
+        if not room:
+            return False
+        r = choose(room)
+        segment = next(seg for seg in free[r] if seg[1] - seg[0] >= it.numel)
+        offsets[it.key], rank_of[it.key] = segment[0], r
+        segment[0] += it.numel
+        fill[r] += it.numel
+        flops[r] += it.flops
+        return True
+
+    for it in muon:
+        if not put(it, lambda room: min(room, key=lambda i: (flops[i], fill[i], i))):
+            return None
+    for it in rest:
+        if not put(it, lambda room: min(room, key=lambda i: (fill[i], i))):
+            return None
+    return flops, fill, offsets, rank_of
 
 
 @dataclass(frozen=True)
@@ -272,6 +357,11 @@ class ParamSpec:
     shape: tuple[int, ...]
     split: Optional[SplitSpec] = None
     use_muon: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        if self.use_muon and self.split is None:
+            object.__setattr__(self, "split", default_split(self.shape))
 
     @property
     def numel(self) -> int:

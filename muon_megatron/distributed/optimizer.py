@@ -52,7 +52,8 @@ class DistributedMuon(torch.optim.Optimizer):
     """Muon over a process group; AdamW (plain, local) for ``use_muon=False`` groups.
 
     Args are those of :class:`muon_megatron.Muon` plus ``process_group`` (None: the default
-    group when torch.distributed is initialised, else a single process). Muon groups need
+    group when torch.distributed is initialised, else a single process) and ``plan_owners``
+    (:func:`make_plan`'s ``owners``: "holders" or "any"). Muon groups need
     ``layouts``; every rank of ``process_group`` must construct the optimizer (it is collective).
     Newton-Schulz settings (steps, coefficients, dtype) must be the same for all Muon groups.
     """
@@ -72,6 +73,7 @@ class DistributedMuon(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
         *,
         process_group: Optional[dist.ProcessGroup] = None,
+        plan_owners: str = "holders",
         nonfinite: str = "skip",
         report_update_rms: bool = False,
     ):
@@ -86,6 +88,7 @@ class DistributedMuon(torch.optim.Optimizer):
         self.last_update_rms: dict[int, float] = {}
         self.skipped_steps = 0
         self.group = process_group
+        self.plan_owners = plan_owners
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         self.world_size = dist.get_world_size(process_group) if self.distributed else 1
@@ -147,7 +150,9 @@ class DistributedMuon(torch.optim.Optimizer):
             raise PlanError("; ".join(errors))
         if len({cfg for _, _, cfg in gathered}) > 1:
             raise PlanError(f"ranks disagree on Newton-Schulz settings {_NS_KEYS}: {[c for _, _, c in gathered]}")
-        plan = make_plan([h for hs, _, _ in gathered for h in hs], self.world_size, ns_steps=ns["ns_steps"])
+        plan = make_plan(
+            [h for hs, _, _ in gathered for h in hs], self.world_size, ns_steps=ns["ns_steps"], owners=self.plan_owners
+        )
         logger.debug("%s", plan.summary())
         return plan, MuonExchange(plan, self.rank, self.group if self.distributed else None)
 

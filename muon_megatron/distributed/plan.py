@@ -112,12 +112,27 @@ def _replica_classes(name: str, shape, holdings: Sequence[MatrixHolding]) -> lis
     return [classes[g] for g in sorted(classes)]
 
 
-def make_plan(holdings: Sequence[MatrixHolding], world_size: int, *, ns_steps: int = 5) -> Plan:
+OWNER_POLICIES = ("holders", "any")
+
+
+def make_plan(
+    holdings: Sequence[MatrixHolding], world_size: int, *, ns_steps: int = 5, owners: str = "holders"
+) -> Plan:
     """Build the plan from the holdings of all ranks (ranks in ``range(world_size)``).
+
+    ``owners="holders"`` (default): each owner is one of the ranks holding a piece of the
+    matrix, so only pieces travel; balance is then bounded by the layout (a rank whose partition
+    holds only AdamW parameters can own nothing). ``owners="any"``: a matrix may go to a rank
+    that holds none of it when that rank's load is lower by at least the matrix's own FLOPs
+    (the move never raises the larger of the two loads); the whole matrix then travels there
+    and back. Use :func:`muon_megatron.distributed.aligned_layout` to get balance with no
+    traffic at all.
 
     Raises :class:`PlanError` naming the matrix for inconsistent shapes, gaps or overlaps.
     Deterministic: the same holdings in any order give the same plan.
     """
+    if owners not in OWNER_POLICIES:
+        raise ValueError(f"owners must be one of {OWNER_POLICIES}, got {owners!r}")
     by_matrix: dict[str, list[MatrixHolding]] = defaultdict(list)
     for h in holdings:
         if not 0 <= h.rank < world_size:
@@ -139,6 +154,10 @@ def make_plan(holdings: Sequence[MatrixHolding], world_size: int, *, ns_steps: i
         for h in by_matrix[name]:
             held[h.rank] += h.numel
         best = min(held, key=lambda r: (load[r], -held[r], r))
+        if owners == "any":
+            idle = min(range(world_size), key=lambda r: (load[r], r))
+            if idle != best and load[best] - load[idle] >= flops[name]:
+                best = idle
         owner[name] = best
         load[best] += flops[name]
 

@@ -104,18 +104,48 @@ def test_replicas_are_sent_once_and_all_get_results():
 def test_aligned_layout_puts_each_matrix_whole_in_one_partition_and_needs_no_gather():
     rng = random.Random(3)
     specs = [ParamSpec(f"w{i}", (rng.randint(4, 40), rng.randint(4, 40))) for i in range(30)]
-    specs += [ParamSpec(f"norm{i}", (rng.randint(4, 40),), use_muon=False) for i in range(5)]
     dp = 4
-    items = [AlignItem(s.key, s.numel, ns_flops(*s.shape) if s.use_muon else 0.0) for s in specs]
+    items = [AlignItem(s.key, s.numel, ns_flops(*s.shape)) for s in specs]
     layout = aligned_layout(items, dp)
     size = layout.partition_size
     for s in specs:
         start = layout.offsets[s.key]
         assert start // size == (start + s.numel - 1) // size == layout.rank_of[s.key]
-    per_rank = [[ParamLayout(s.key, s.shape) for s in specs if s.use_muon and layout.rank_of[s.key] == r] for r in range(dp)]
-    plan = _plan_of(per_rank)
+    plan = _plan_of(layout.layouts(specs))
     assert sum(plan.gather_elems) == 0 and sum(plan.return_elems) == 0
     assert plan.imbalance == pytest.approx(max(layout.flops) / (sum(layout.flops) / dp))
+    assert plan.imbalance <= 1.05
+
+
+def test_aligned_layout_cuts_an_oversized_item_and_still_balances():
+    # one fused gate|up heavier than a rank's fair share, among many small matrices
+    specs = [ParamSpec("fc1", (64, 32), mm.GateUp())] + [ParamSpec(f"w{i}", (8, 16)) for i in range(200)]
+    items = []
+    for s in specs:
+        mats = s.split.matrices(s.shape)
+        items.append(AlignItem(s.key, s.numel, sum(ns_flops(*m.shape) for m in mats),
+                               tuple((m.shape[0] * m.shape[1], ns_flops(*m.shape)) for m in mats)))
+    layout = aligned_layout(items, 4)
+    assert layout.rank_of["fc1"] is None and all(layout.rank_of[s.key] is not None for s in specs[1:])
+    plan = _plan_of(layout.layouts(specs))
+    assert plan.imbalance <= 1.05
+    # only the oversized item's pieces travel
+    assert sum(plan.gather_elems) + sum(plan.return_elems) <= 2 * 64 * 32
+
+
+def test_owner_policy_any_moves_work_off_an_overloaded_holder():
+    # rank 0 holds every matrix whole; ranks 1-3 hold nothing of them (only a tiny one each)
+    per_rank = [[ParamLayout(f"w{i}", (16, 16)) for i in range(8)]] + [[ParamLayout(f"t{r}", (2, 2))] for r in (1, 2, 3)]
+    hs = [h for r, ls in enumerate(per_rank) for s, lay in enumerate(ls) for h in holdings(lay, r, s)]
+    assert make_plan(hs, 4).flops[0] == pytest.approx(8 * ns_flops(16, 16))
+    spread = make_plan(hs, 4, owners="any")
+    assert spread.imbalance < 1.2
+    assert sum(spread.gather_elems) > 0  # the moved matrices travel whole
+
+
+def test_unknown_owner_policy_is_rejected():
+    with pytest.raises(ValueError, match="owners"):
+        make_plan([], 1, owners="nearest")
 
 
 def test_bucketed_layouts_cover_every_muon_element_once():
