@@ -58,6 +58,13 @@ MOONLIGHT_BAND_MIN_RELATIVE_SV = 2e-3
 NS_EPS = 1e-7
 
 
+def ns_flops(m: int, n: int, steps: int = 5) -> float:
+    """Dense FLOPs of ``steps`` Newton-Schulz iterations on an ``m x n`` matrix:
+    per step ``4 s^2 l + 2 s^3`` with ``s = min(m, n)``, ``l = max(m, n)`` (X X^T, M M, B X)."""
+    s, l = min(m, n), max(m, n)
+    return steps * (4.0 * s * s * l + 2.0 * s**3)
+
+
 def resolve_coefficients(coefficients: CoefficientSpec, steps: int) -> Coefficients:
     """The ``(a, b, c)`` triple for each of ``steps`` iterations.
 

@@ -24,12 +24,10 @@ from .splits import (
     check_tiling,
     default_split,
     gather_matrix,
-    scatter_matrix_,
     split_from_dict,
     split_to_dict,
 )
 from .update import (
-    apply_update_,
     check_update_scale,
     momentum_,
     orthogonalize_batched,
@@ -122,6 +120,10 @@ class Muon(torch.optim.Optimizer):
             naming the parameter) or "raise" (:class:`NonFiniteGradientError`).
         report_update_rms: after each step, fill ``last_update_rms`` (group index -> RMS of the
             applied update, weight decay excluded) and log it at INFO.
+        orthogonalize: the Newton-Schulz backend for a list of same-shape matrices, with
+            :func:`.update.orthogonalize_batched`'s signature (the default); e.g.
+            ``functools.partial(muon_megatron.kernels.orthogonalize_grouped, backend=...)``.
+        max_batch: at most this many matrices per Newton-Schulz call (bounds transient memory).
 
     Promise: for each logical matrix, the update of ``../shared/MOONLIGHT.md`` (paper eq. 4); equal
     to a float64 evaluation of the formula within ``ns_dtype`` rounding.
@@ -143,6 +145,8 @@ class Muon(torch.optim.Optimizer):
         *,
         nonfinite: str = "skip",
         report_update_rms: bool = False,
+        orthogonalize: Optional[Callable[..., list]] = None,
+        max_batch: int = 128,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
@@ -152,6 +156,10 @@ class Muon(torch.optim.Optimizer):
         validate_hyperparameters(dict(defaults, nonfinite=nonfinite))
         self.nonfinite = nonfinite
         self.report_update_rms = report_update_rms
+        self.orthogonalize = orthogonalize or orthogonalize_batched
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.last_update_rms: dict[int, float] = {}
         self.skipped_steps = 0
         super().__init__(params, defaults)
@@ -263,7 +271,10 @@ class Muon(torch.optim.Optimizer):
         return sq, count
 
     def _muon_group(self, group: dict) -> tuple[float, int]:
-        inputs, places, views = [], [], {}
+        # Nesterov inputs for every parameter, then Newton-Schulz one bucket (same shape, at most
+        # ``max_batch`` matrices) at a time, so the transient memory is one bucket, not the model.
+        lr, wd = group["lr"], group["weight_decay"]
+        inputs, by_shape = {}, {}
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -271,22 +282,30 @@ class Muon(torch.optim.Optimizer):
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             U = momentum_(state["momentum_buffer"], p.grad, group["momentum"], group["nesterov"])
-            matrices = self._matrices(group, p, group["names"][i])
             view_shape = (group.get("split") or default_split(p.shape)).view_shape(p.shape)
-            views[id(p)] = torch.empty(view_shape, dtype=torch.float32, device=p.device)
-            for mat in matrices:
-                inputs.append(gather_matrix(U.reshape(view_shape), mat))
-                places.append((p, mat))
-        outputs = orthogonalize_batched(
-            inputs, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=group["ns_dtype"]
-        )
-        sq = 0.0
-        for (p, mat), O in zip(places, outputs):
-            update = scaled_update(O, update_scale(group["update_scale"], *mat.shape))
-            scatter_matrix_(views[id(p)], mat, update)
-            if self.report_update_rms:
-                sq += float(update.square().sum()) * group["lr"] ** 2
-        for p in group["params"]:
-            if id(p) in views:
-                apply_update_(p, views[id(p)].view(p.shape), lr=group["lr"], weight_decay=group["weight_decay"])
-        return sq, sum(O.numel() for O in outputs)
+            inputs[id(p)] = U.reshape(view_shape)
+            for mat in self._matrices(group, p, group["names"][i]):
+                by_shape.setdefault(mat.shape, []).append((p, mat))
+            if wd:  # decoupled weight decay first, as in W * (1 - lr * wd) - lr * scale * O
+                p.mul_(1.0 - lr * wd)
+        sq, count = 0.0, 0
+        for shape, places in by_shape.items():
+            scale = update_scale(group["update_scale"], *shape)
+            for start in range(0, len(places), self.max_batch):
+                chunk = places[start : start + self.max_batch]
+                outputs = self.orthogonalize(
+                    [gather_matrix(inputs[id(p)], mat) for p, mat in chunk],
+                    steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=group["ns_dtype"],
+                )
+                for (p, mat), O in zip(chunk, outputs):
+                    update = scaled_update(O, scale)
+                    view = p.view(inputs[id(p)].shape)
+                    for b in mat.blocks:
+                        view[b.src_row : b.src_row + b.rows, b.src_col : b.src_col + b.cols].add_(
+                            update[b.dst_row : b.dst_row + b.rows, b.dst_col : b.dst_col + b.cols].to(p.dtype),
+                            alpha=-lr,
+                        )
+                    if self.report_update_rms:
+                        sq += float(update.square().sum()) * lr**2
+                    count += O.numel()
+        return sq, count

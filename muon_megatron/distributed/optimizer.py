@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,8 @@ class DistributedMuon(torch.optim.Optimizer):
 
     Args are those of :class:`muon_megatron.Muon` plus ``process_group`` (None: the default
     group when torch.distributed is initialised, else a single process) and ``plan_owners``
-    (:func:`make_plan`'s ``owners``: "holders" or "any"). Muon groups need
+    (:func:`make_plan`'s ``owners``: "holders" or "any"); ``orthogonalize`` and ``max_batch`` as
+    for :class:`muon_megatron.Muon` (the Newton-Schulz backend, batch bound). Muon groups need
     ``layouts``; every rank of ``process_group`` must construct the optimizer (it is collective).
     Newton-Schulz settings (steps, coefficients, dtype) must be the same for all Muon groups.
     """
@@ -76,6 +77,8 @@ class DistributedMuon(torch.optim.Optimizer):
         plan_owners: str = "holders",
         nonfinite: str = "skip",
         report_update_rms: bool = False,
+        orthogonalize: Optional[Callable[..., list]] = None,
+        max_batch: int = 128,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
@@ -89,6 +92,8 @@ class DistributedMuon(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.group = process_group
         self.plan_owners = plan_owners
+        self.orthogonalize = orthogonalize
+        self.max_batch = max_batch
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         self.world_size = dist.get_world_size(process_group) if self.distributed else 1
@@ -215,7 +220,8 @@ class DistributedMuon(torch.optim.Optimizer):
                 pos += r.numel
 
         self.exchange.run(
-            inputs, deliver, steps=self.ns["ns_steps"], coefficients=self.ns["ns_coefficients"], dtype=self.ns["ns_dtype"]
+            inputs, deliver, steps=self.ns["ns_steps"], coefficients=self.ns["ns_coefficients"], dtype=self.ns["ns_dtype"],
+            orthogonalize=self.orthogonalize, max_batch=self.max_batch,
         )
         sums: dict[int, list] = {}
         index = {id(g): i for i, g in enumerate(self.param_groups)}

@@ -14,14 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..core.newton_schulz import ns_flops
 from .layout import MatrixHolding
-
-
-def ns_flops(m: int, n: int, steps: int = 5) -> float:
-    """Dense FLOPs of ``steps`` Newton-Schulz iterations on an ``m x n`` matrix:
-    per step ``4 s^2 l + 2 s^3`` with ``s = min(m, n)``, ``l = max(m, n)`` (MOONLIGHT.md)."""
-    s, l = min(m, n), max(m, n)
-    return steps * (4.0 * s * s * l + 2.0 * s**3)
 
 
 class PlanError(ValueError):

@@ -16,7 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.newton_schulz import CoefficientSpec, newton_schulz
+from ..core.newton_schulz import CoefficientSpec
+from ..core.update import orthogonalize_batched
 from .layout import MatrixHolding, PieceRect
 from .plan import Plan
 
@@ -135,10 +136,15 @@ class MuonExchange:
         steps: int = 5,
         coefficients: CoefficientSpec = "moonlight",
         dtype: torch.dtype = torch.bfloat16,
+        orthogonalize: Optional[Callable[..., list]] = None,
+        max_batch: int = 128,
     ) -> None:
         """One exchange. ``inputs[slot]``: this rank's flat NS input for each piece (any float
         dtype). ``deliver(slot, holding, O)`` is called once per holding of this rank with the
-        packed result (``dtype``, rect by rect as in ``holding.rects``)."""
+        packed result (``dtype``, rect by rect as in ``holding.rects``). ``orthogonalize``: the
+        Newton-Schulz backend for a list of same-shape matrices (default
+        :func:`muon_megatron.core.update.orthogonalize_batched`), at most ``max_batch`` per call."""
+        backend = orthogonalize or orthogonalize_batched
         device = inputs[0].device if len(inputs) else torch.device("cpu")
         send = torch.empty(self.send_gather_total, dtype=dtype, device=device)
         for _, route in self.send_gather:
@@ -157,11 +163,12 @@ class MuonExchange:
 
         def orthogonalize(buckets):
             for _, indices in buckets:
-                batch = torch.stack([full[i] for i in indices]) if len(indices) > 1 else full[indices[0]]
-                out = newton_schulz(batch, steps, coefficients, dtype)
-                for j, i in enumerate(indices):
-                    results[i] = out[j] if len(indices) > 1 else out
-                    self.orthogonalized.append(self.plan.matrices[i].name)
+                for start in range(0, len(indices), max_batch):
+                    chunk = indices[start : start + max_batch]
+                    out = backend([full[i] for i in chunk], steps=steps, coefficients=coefficients, dtype=dtype)
+                    for i, O in zip(chunk, out):
+                        results[i] = O
+                        self.orthogonalized.append(self.plan.matrices[i].name)
 
         orthogonalize(self.early)
         if work is not None:

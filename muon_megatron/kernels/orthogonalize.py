@@ -1,0 +1,106 @@
+"""Newton-Schulz over many matrices: plan buckets, stack, run each bucket on its backend.
+
+:func:`orthogonalize_grouped` is a drop-in for :func:`muon_megatron.core.orthogonalize_batched`
+(same arguments plus ``backend``), returning results in input order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..core.newton_schulz import NS_EPS, CoefficientSpec
+from .plan import NSBucket, NSPlan, plan_buckets
+from .registry import get_backend
+from .select import BackendChooser
+
+BackendSpec = Union[str, BackendChooser]
+
+
+def resolve_backend(backend: BackendSpec, bucket: NSBucket, *, steps: int, coefficients: CoefficientSpec,
+                    dtype: torch.dtype, device: torch.device) -> str:
+    """The backend name for ``bucket``: a fixed name, or a chooser's measured pick ('auto')."""
+    if isinstance(backend, BackendChooser):
+        return backend.choose(bucket.batch, *bucket.shape, steps=steps, coefficients=coefficients, dtype=dtype,
+                              device=device)
+    if backend == "auto":
+        raise ValueError("backend='auto' needs a BackendChooser instance to remember its measurements")
+    get_backend(backend)
+    return backend
+
+
+def stack_bucket(matrices: Sequence[torch.Tensor], bucket: NSBucket, dtype: torch.dtype) -> torch.Tensor:
+    """The bucket's input: its matrices cast to ``dtype`` and stacked, zero-padded to ``bucket.shape``."""
+    if not bucket.padded:
+        return torch.stack([matrices[i].to(dtype) for i in bucket.indices])
+    ref = matrices[bucket.indices[0]]
+    out = torch.zeros((bucket.batch, *bucket.shape), dtype=dtype, device=ref.device)
+    for j, i in enumerate(bucket.indices):
+        m, n = matrices[i].shape
+        out[j, :m, :n] = matrices[i]
+    return out
+
+
+def orthogonalize_grouped(
+    matrices: Sequence[torch.Tensor],
+    *,
+    steps: int = 5,
+    coefficients: CoefficientSpec = "moonlight",
+    dtype: torch.dtype = torch.bfloat16,
+    eps: float = NS_EPS,
+    backend: BackendSpec = "torch_batched",
+    plan: Optional[NSPlan] = None,
+) -> list[torch.Tensor]:
+    """Newton-Schulz on every 2-D matrix of ``matrices`` (any mix of shapes), in input order.
+
+    Results are ``dtype`` tensors of each input's shape (views into the bucket outputs). Equal
+    to :func:`muon_megatron.core.newton_schulz` on each matrix alone within ``dtype`` rounding.
+    ``plan`` defaults to :func:`.plan.plan_buckets` of the shapes.
+    """
+    if not matrices:
+        return []
+    if any(M.ndim != 2 for M in matrices):
+        raise ValueError("orthogonalize_grouped takes 2-D matrices; split 3-D expert stacks first")
+    if plan is None:
+        plan = plan_buckets([tuple(M.shape) for M in matrices], steps=steps)
+    if plan.num_matrices != len(matrices):
+        raise ValueError(f"plan covers {plan.num_matrices} matrices, got {len(matrices)}")
+    device = matrices[0].device
+    out: list[Optional[torch.Tensor]] = [None] * len(matrices)
+    for bucket in plan.buckets:
+        name = resolve_backend(backend, bucket, steps=steps, coefficients=coefficients, dtype=dtype, device=device)
+        result = get_backend(name).fn(stack_bucket(matrices, bucket, dtype), steps, coefficients, dtype, eps)
+        for j, i in enumerate(bucket.indices):
+            m, n = matrices[i].shape
+            out[i] = result[j, :m, :n] if bucket.padded else result[j]
+    return out  # type: ignore[return-value]
+
+
+class GraphedNewtonSchulz:
+    """Newton-Schulz of one fixed ``(batch, rows, cols)`` shape replayed from a CUDA graph.
+
+    For launch-bound shapes (MOONLIGHT.md: one 576 x 2048 or 64 x 2048 matrix takes ~1 ms, all
+    launch overhead): the ~20 launches of a 5-step call become one graph launch. ``input`` is a
+    static tensor to copy the matrices into; :meth:`__call__` returns the static output tensor,
+    overwritten by the next call. Captured after one eager warm-up (Triton autotuning and
+    cuBLAS handle creation must not happen during capture).
+    """
+
+    def __init__(self, batch: int, rows: int, cols: int, *, backend: str = "torch_batched", steps: int = 5,
+                 coefficients: CoefficientSpec = "moonlight", dtype: torch.dtype = torch.bfloat16,
+                 eps: float = NS_EPS, device: torch.device | str = "cuda"):
+        fn = get_backend(backend).fn
+        self.input = torch.randn(batch, rows, cols, dtype=dtype, device=device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(self.input, steps, coefficients, dtype, eps)  # warm-up / autotune
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(self.input, steps, coefficients, dtype, eps)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
