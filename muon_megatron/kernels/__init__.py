@@ -7,6 +7,7 @@ lazily (``ns_triton.triton_importable()``); without it, or on a CPU, the pure-to
 Backends are listed in :mod:`.registry` (its docstring says how to add one).
 """
 
+from .fused_muon import FusedMuon
 from .ns_torch import newton_schulz_fused
 from .ns_triton import newton_schulz_triton, symmetric_product, triton_importable
 from .orthogonalize import GraphedNewtonSchulz, orthogonalize_grouped
@@ -16,7 +17,7 @@ from .select import BackendChooser, time_call
 from .step import MuonStepRuntime
 
 __all__ = [
-    "BackendChooser", "GraphedNewtonSchulz", "MuonStepRuntime", "NSBackend", "NSBucket", "NSPlan", "NS_BACKENDS",
+    "BackendChooser", "FusedMuon", "GraphedNewtonSchulz", "MuonStepRuntime", "NSBackend", "NSBucket", "NSPlan", "NS_BACKENDS",
     "available_backends", "get_backend", "newton_schulz_fused", "newton_schulz_triton", "ns_flops",
     "orthogonalize_grouped", "plan_buckets", "symmetric_product", "time_call", "triton_importable",
 ]
