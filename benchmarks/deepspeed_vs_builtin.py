@@ -1,0 +1,277 @@
+"""muon_megatron's DeepSpeed Muon side by side with DeepSpeed's built-in Muon (issue 5).
+
+Same model, same data, same DeepSpeed config (ZeRO stage, DP size, fp32, no clipping), only
+``optimizer.params.implementation`` differs. Per implementation, in its own spawned world:
+
+- the optimizer step (``engine.step()`` at the boundary: ZeRO's unscale/clip, the optimizer and the
+  parameter all-gather), mean and min over the timed steps, max over ranks;
+- matrices orthogonalised per optimizer step, summed over ranks (ours: each matrix once; the
+  built-in: once per rank holding a piece of it);
+- optimizer state bytes per rank, and the process's peak RSS;
+- the first step's update on a matrix that straddles the ZeRO partition boundary, against the
+  full-matrix Moonlight update computed in float64 from the full-batch gradient: relative error,
+  the error left after the best scalar fit (direction), and the scale ratio.
+
+    DS_ACCELERATOR=cpu python benchmarks/deepspeed_vs_builtin.py [--world 2] [--stage 1] [--hidden 512]
+
+CPU by default (gloo, 127.0.0.1); with a GPU DeepSpeed picks it (nccl). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LR, WD, MOMENTUM = 2e-2, 0.1, 0.95
+
+
+class BenchModel(nn.Module):
+    """Embedding, ``layers`` blocks of four hidden matrices (attention-like square, MLP up and
+    down), a norm and an untied head; names keep both routings (ours, DeepSpeed's) identical."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        ffn = int(hidden * 2.75)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"qkv": nn.Linear(hidden, hidden, bias=False), "out": nn.Linear(hidden, hidden, bias=False),
+                           "up": nn.Linear(hidden, ffn, bias=False), "down": nn.Linear(ffn, hidden, bias=False),
+                           "norm": nn.LayerNorm(hidden)})
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, tokens, targets):
+        h = self.embed(tokens)
+        for b in self.blocks:
+            x = b["norm"](h)
+            h = h + b["out"](torch.tanh(b["qkv"](x)))
+            h = h + b["down"](nn.functional.gelu(b["up"](x)))
+        logits = self.lm_head(self.norm(h))
+        return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def batch(step: int, rank: int, args):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    shape = (args.micro_batch, args.seq)
+    return torch.randint(0, args.vocab, shape, generator=g), torch.randint(0, args.vocab, shape, generator=g)
+
+
+VARIANTS = {
+    # name: (implementation, extra optimizer.params)
+    "muon_megatron (NS float32)": ("muon_megatron", {"ns_dtype": "float32"}),
+    "muon_megatron (NS bfloat16)": ("muon_megatron", {"ns_dtype": "bfloat16"}),
+    "deepspeed built-in": ("deepspeed", {"betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}),
+    "AdamW (baseline)": ("adamw", {"betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}),
+}
+
+
+def ds_config(args, variant: str) -> dict:
+    implementation, extra = VARIANTS[variant]
+    if implementation == "adamw":
+        optimizer = {"type": "adamw", "params": {"lr": LR, "weight_decay": WD, **extra}}
+    else:
+        optimizer = {"type": "muon", "params": {"lr": LR, "weight_decay": WD, "momentum": MOMENTUM,
+                                                "implementation": implementation, **extra}}
+    return {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0, "steps_per_print": 10**9, "optimizer": optimizer,
+            "zero_optimization": {"stage": args.stage}}
+
+
+class _Count:
+    """Counts matrices orthogonalised on this rank: ours from the runtime's per-step record
+    (``MuonExchange.orthogonalized``), the built-in by its calls of ``muon_update``."""
+
+    def __init__(self, implementation: str, engine):
+        self.n = 0
+        if implementation == "muon_megatron":
+            for inner in engine.basic_optimizer.inner_optimizers():
+                def counting(*a, _inner=inner, _step=inner.step, **k):
+                    out = _step(*a, **k)
+                    self.n += len(_inner.exchange.orthogonalized)
+                    return out
+                inner.step = counting
+        elif implementation == "deepspeed":
+            import deepspeed.runtime.zero.muon.original_muon as mod
+            original = mod.muon_update
+
+            def counting_update(*a, **k):
+                self.n += 1
+                return original(*a, **k)
+
+            mod.muon_update = counting_update
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim())
+
+
+def worker(rank, world, port, outdir, variant, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    torch.set_num_threads(max(1, args.threads))
+    import logging
+
+    import deepspeed
+    import torch.distributed as dist
+
+    import muon_megatron.deepspeed as mmds
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    torch.manual_seed(0)
+    model = BenchModel(args.vocab, args.hidden, args.layers)
+    engine, _, _, _ = mmds.initialize(model=model, config=ds_config(args, variant))
+    counter = _Count(VARIANTS[variant][0], engine)
+    muon_names = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in muon_names}
+    times = []  # (backward, step) per iteration; the built-in Muon works inside backward
+    for step in range(args.warmup + args.steps + 1):
+        loss = engine(*batch(step, rank, args))
+        dist.barrier()
+        t0 = time.perf_counter()
+        engine.backward(loss)
+        dist.barrier()
+        t1 = time.perf_counter()
+        engine.step()
+        dist.barrier()
+        times.append((t1 - t0, time.perf_counter() - t1))
+        if step == 0:
+            after = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in muon_names}
+            first_count = counter.n
+    timed = torch.tensor(times[1 + args.warmup:], dtype=torch.float64)
+    stats = torch.stack([timed[:, 0].mean(), timed[:, 1].mean(), timed.sum(1).mean(), timed.sum(1).min()])
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    counts = torch.tensor([first_count])
+    dist.all_reduce(counts)
+    state = torch.tensor([_state_bytes(engine.basic_optimizer)])
+    state_max = state.clone()
+    dist.all_reduce(state_max, op=dist.ReduceOp.MAX)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        torch.save({"backward_s": stats[0].item(), "step_s": stats[1].item(), "total_mean_s": stats[2].item(),
+                    "total_min_s": stats[3].item(), "ns_first_step": int(counts.item()),
+                    "state_bytes_max_rank": int(state_max.item()), "peak_rss_bytes": int(rss.item()),
+                    "before": before, "after": after, "wrapper": getattr(engine.basic_optimizer, "bound_to", None)},
+                   os.path.join(outdir, f"{list(VARIANTS).index(variant)}.pt"))
+
+
+def _straddling_matrix(model: nn.Module, world: int) -> str:
+    """The first Muon matrix cut by a DeepSpeed ZeRO partition boundary of the Muon flat group."""
+    muon = [(n, p.numel()) for n, p in model.named_parameters()
+            if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    total = sum(k for _, k in muon)
+    align = 2 * world
+    size = -(-total // align) * align // world
+    pos = 0
+    for n, k in muon:
+        if any(pos < b * size < pos + k for b in range(1, world)):
+            return n
+        pos += k
+    raise RuntimeError("no Muon matrix straddles a partition boundary; change --hidden or --layers")
+
+
+def reference_update(args, name: str) -> torch.Tensor:
+    """Moonlight's first-step orthogonal part ``scale * NS(g)`` in float64 from the full-batch
+    gradient (momentum starts at zero, so Nesterov's input is (1 + mu) g; NS removes the factor)."""
+    from muon_megatron.core import newton_schulz, update_scale
+
+    torch.manual_seed(0)
+    model = BenchModel(args.vocab, args.hidden, args.layers).double()
+    losses = [model(*batch(0, r, args)) for r in range(args.world)]
+    torch.stack(losses).mean().backward()
+    g = dict(model.named_parameters())[name].grad
+    return update_scale("moonlight", *g.shape) * newton_schulz(g, 5, "moonlight", torch.float64)
+
+
+def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
+    got, want = got.double(), want.double()
+    alpha = float((got * want).sum() / (want * want).sum())
+    return {"relative_error": float((got - want).norm() / want.norm()),
+            "direction_error": float((got - alpha * want).norm() / (alpha * want).norm()) if alpha else float("nan"),
+            "scale_ratio": float(got.norm() / want.norm())}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--stage", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+
+    torch.manual_seed(0)
+    name = _straddling_matrix(BenchModel(args.vocab, args.hidden, args.layers), args.world)
+    results = {}
+    with tempfile.TemporaryDirectory() as outdir:
+        for index, variant in enumerate(VARIANTS):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.start_processes(worker, args=(args.world, port, outdir, variant, args), nprocs=args.world,
+                               start_method="spawn")
+            results[variant] = torch.load(os.path.join(outdir, f"{index}.pt"), weights_only=False)
+
+    want = reference_update(args, name)
+    baseline = results["AdamW (baseline)"]
+    rows = []
+    for variant, r in results.items():
+        before, after = r["before"][name], r["after"][name]
+        orthogonal = (before * (1 - LR * WD) - after) / LR  # what the step added, weight decay removed
+        row = {"variant": variant, "wrapper": r["wrapper"], **{k: v for k, v in r.items() if k not in ("before", "after")}}
+        row["overhead_s"] = r["total_mean_s"] - baseline["total_mean_s"]
+        if VARIANTS[variant][0] != "adamw":
+            row.update(compare(orthogonal, want))
+        rows.append(row)
+    n_muon = sum(1 for n, p in BenchModel(args.vocab, args.hidden, args.layers).named_parameters()
+                 if p.ndim == 2 and "embed" not in n and "lm_head" not in n)
+    print(f"\nDeepSpeed {__import__('deepspeed').__version__}, torch {torch.__version__}, ZeRO-{args.stage}, "
+          f"DP {args.world}, hidden {args.hidden}, {args.layers} layers ({n_muon} Muon matrices), fp32 weights, "
+          f"{args.steps} timed steps, {args.threads} thread(s) per rank; straddling matrix: {name} "
+          f"{tuple(want.shape)}\n")
+    print("| variant | backward / step (ms) | backward + step mean / min (ms) | over AdamW (ms) "
+          "| matrices orthogonalised per step (all ranks) | optimizer state MiB (max rank) | peak RSS MiB "
+          "| update rel. error | direction error | scale ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        numbers = (f"| {r['relative_error']:.2e} | {r['direction_error']:.2e} | {r['scale_ratio']:.3f} |"
+                   if "relative_error" in r else "| - | - | - |")
+        print(f"| {r['variant']} | {1e3 * r['backward_s']:.1f} / {1e3 * r['step_s']:.1f} "
+              f"| {1e3 * r['total_mean_s']:.1f} / {1e3 * r['total_min_s']:.1f} | {1e3 * r['overhead_s']:+.1f} "
+              f"| {r['ns_first_step']} | {r['state_bytes_max_rank'] / 2**20:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} "
+              + numbers)
+    print("\nUpdate errors: the first step's orthogonal part on the straddling matrix against Moonlight's "
+          "0.2 sqrt(max(A, B)) NS5(g) in float64 from the full-batch gradient; direction error is what remains "
+          "after the best scalar fit, scale ratio is norm(update) / norm(reference).")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "straddling_matrix": name, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
