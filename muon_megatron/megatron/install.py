@@ -1,0 +1,139 @@
+"""``install()``: make ``--optimizer muon`` in Megatron's training scripts build muon-megatron's Muon.
+
+For megatron-core 0.19 (its wheel carries ``megatron/training``). Three module attributes of
+``megatron.training`` are wrapped, each idempotently and reversibly (:func:`uninstall`):
+
+- ``arguments.add_megatron_arguments``: also adds the ``--muon-*`` flags (see :mod:`.arguments`);
+- ``arguments.validate_args``: with ``--optimizer muon`` megatron-core 0.19 turns
+  ``--use-distributed-optimizer`` into its layer-wise optimizer and forbids overlapping the param
+  all-gather; muon-megatron runs on Megatron's ordinary ``DistributedOptimizer``, so the
+  arguments are validated as for Adam, then ``optimizer`` is set back to ``"muon"``;
+- ``training.get_megatron_optimizer``: ``config.optimizer == "muon"`` builds
+  :func:`get_muon_optimizer` (with a step hook writing the optimizer step time and, under
+  ``--muon-log-update-rms``, the update RMS per group to Megatron's TensorBoard writer); every
+  other optimizer goes to megatron-core unchanged.
+
+Call it before ``parse_and_validate_args`` / ``pretrain`` (the launcher in :mod:`.launch` does).
+megatron-core 0.16 wheels have no ``megatron.training``: use :func:`get_muon_optimizer` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_ORIGINALS: dict = {}
+
+
+def install() -> None:
+    """Patch ``megatron.training`` as described in the module docstring (idempotent)."""
+    from .version import check_megatron_version
+
+    check_megatron_version()
+    try:
+        from megatron.training import arguments, training
+    except ImportError as err:
+        raise ImportError(
+            "muon_megatron.megatron.install() needs megatron.training (megatron-core >= 0.19 wheels, or a "
+            "Megatron-LM checkout on PYTHONPATH); with megatron-core 0.16 build the optimizer with "
+            "muon_megatron.megatron.get_muon_optimizer(config, model_chunks)"
+        ) from err
+    if _ORIGINALS:
+        return
+    _ORIGINALS["add_megatron_arguments"] = arguments.add_megatron_arguments
+    _ORIGINALS["validate_args"] = arguments.validate_args
+    _ORIGINALS["get_megatron_optimizer"] = training.get_megatron_optimizer
+    arguments.add_megatron_arguments = _add_megatron_arguments
+    arguments.validate_args = _validate_args
+    training.get_megatron_optimizer = _get_megatron_optimizer
+    if hasattr(training, "wrap_model_chunks_with_ddp"):
+        _ORIGINALS["wrap_model_chunks_with_ddp"] = training.wrap_model_chunks_with_ddp
+        training.wrap_model_chunks_with_ddp = _wrap_model_chunks_with_ddp
+    logger.info("muon-megatron installed: --optimizer muon builds Moonlight's Muon")
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (for tests)."""
+    if not _ORIGINALS:
+        return
+    from megatron.training import arguments, training
+
+    arguments.add_megatron_arguments = _ORIGINALS.pop("add_megatron_arguments")
+    arguments.validate_args = _ORIGINALS.pop("validate_args")
+    training.get_megatron_optimizer = _ORIGINALS.pop("get_megatron_optimizer")
+    if "wrap_model_chunks_with_ddp" in _ORIGINALS:
+        training.wrap_model_chunks_with_ddp = _ORIGINALS.pop("wrap_model_chunks_with_ddp")
+
+
+def _add_megatron_arguments(parser):
+    from .arguments import add_muon_arguments
+
+    return add_muon_arguments(_ORIGINALS["add_megatron_arguments"](parser))
+
+
+def _validate_args(args, *rest, **kwargs):
+    if getattr(args, "optimizer", None) != "muon":
+        return _ORIGINALS["validate_args"](args, *rest, **kwargs)
+    from .arguments import muon_settings_from_args
+
+    muon_settings_from_args(args)  # bad --muon-* values fail here, at start-up
+    if getattr(args, "fp16", False):
+        logger.info("muon-megatron: fp16 with loss scaling; gradients are unscaled before momentum and NS")
+    args.optimizer = "adam"
+    try:
+        result = _ORIGINALS["validate_args"](args, *rest, **kwargs)
+    finally:
+        args.optimizer = "muon"
+    args.use_layer_wise_distributed_optimizer = False
+    return result
+
+
+def _wrap_model_chunks_with_ddp(*args, **kwargs):
+    """With ``--optimizer muon --muon-layout aligned``, DDP gets the matrix-aligned buffer layout
+    (megatron-core computes layouts through ``DistributedOptimizer.compute_full_param_layout``,
+    looked up on the name in ``megatron.training.training`` during this call)."""
+    from megatron.training import get_args, training
+
+    margs = get_args()
+    if getattr(margs, "optimizer", None) != "muon" or getattr(margs, "muon_layout", "gather") != "aligned":
+        return _ORIGINALS["wrap_model_chunks_with_ddp"](*args, **kwargs)
+    from .aligned import aligned_param_layout
+
+    original = training.DistributedOptimizer
+    aligned = type("MatrixAlignedLayout", (original,), {"compute_full_param_layout": staticmethod(aligned_param_layout)})
+    training.DistributedOptimizer = aligned
+    try:
+        return _ORIGINALS["wrap_model_chunks_with_ddp"](*args, **kwargs)
+    finally:
+        training.DistributedOptimizer = original
+
+
+def _get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+    if getattr(config, "optimizer", None) != "muon":
+        return _ORIGINALS["get_megatron_optimizer"](config, model_chunks, *args, **kwargs)
+    from megatron.training import get_args
+
+    from .arguments import muon_settings_from_args
+    from .factory import get_muon_optimizer
+
+    if kwargs.get("config_overrides"):
+        logger.info(
+            "muon-megatron: Megatron's per-parameter config overrides (e.g. no weight decay on biases and "
+            "norms) are not applied; Muon and AdamW use the same lr and weight decay everywhere (Moonlight)"
+        )
+    optimizer = get_muon_optimizer(
+        config,
+        model_chunks,
+        muon_settings_from_args(get_args()),
+        use_gloo_process_groups=kwargs.get("use_gloo_process_groups", True),
+    )
+    from megatron.training import get_tensorboard_writer
+
+    from .inner import MegatronMuon, tensorboard_hook
+
+    hook = tensorboard_hook(get_tensorboard_writer, lambda: getattr(get_args(), "curr_iteration", 0))
+    for part in optimizer.chained_optimizers:
+        if isinstance(part.optimizer, MegatronMuon):
+            part.optimizer.step_hooks.append(hook)
+    return optimizer
