@@ -47,6 +47,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("muon_megatron.demo", "train a small byte-level transformer on the Python stdlib: Muon vs AdamW"),
     "plan": Subcommand("muon_megatron.planner", "Muon's per-rank memory, Newton-Schulz work and traffic for a Megatron layout"),
     "analyze": Subcommand("muon_megatron.analysis", "SVD entropy of a checkpoint's weight matrices (Moonlight's comparison)"),
+    "megatron": Subcommand("muon_megatron.megatron.launch", "run a Megatron training script with --optimizer muon installed"),
     "patch": Subcommand("muon_megatron.patch_cli", "check, apply or revert the --optimizer muon patch on a Megatron or DeepSpeed tree"),
 }
 
