@@ -262,6 +262,26 @@ class DistributedMuon(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    # Where the pieces lie is a property of this run, not of the checkpoint: a state_dict carries
+    # no layouts (it then loads with weights_only=True), and loading keeps the current ones, so a
+    # run that resumes with another layout keeps planning with its own.
+    _LAYOUT_KEYS = ("layouts", "names")
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` without the groups' ``layouts`` and ``names``."""
+        state = super().state_dict()
+        state["param_groups"] = [{k: v for k, v in g.items() if k not in self._LAYOUT_KEYS} for g in state["param_groups"]]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's (saved hyper-parameters replace the current ones), keeping this run's
+        ``layouts`` and ``names``. Momentum is per local tensor: for another layout use
+        :meth:`load_momentum_pieces`."""
+        keep = [{k: g[k] for k in self._LAYOUT_KEYS if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, own in zip(self.param_groups, keep):
+            group.update(own)
+
     def momentum_pieces(self) -> list[dict]:
         """This rank's momentum as layout-independent pieces: per local piece its parameter key,
         the full view shape, and each rectangle of the full view with its values. Load them, from

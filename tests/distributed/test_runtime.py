@@ -166,3 +166,19 @@ def test_single_process_without_torch_distributed_matches_muon():
         a.step()
         b.step()
     assert torch.equal(w, ref)
+
+
+def test_state_dict_carries_no_layouts_loads_weights_only_and_keeps_current_layouts(tmp_path):
+    w = torch.randn(6, 4)
+    layout = ParamLayout("w", (6, 4))
+    opt = DistributedMuon([{"params": [w], "layouts": [layout]}], ns_dtype=torch.float32)
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)  # plain data only
+    assert "layouts" not in saved["param_groups"][0]
+    other = DistributedMuon([{"params": [w.clone()], "layouts": [layout]}], ns_dtype=torch.float32)
+    other.load_state_dict(saved)
+    assert other.param_groups[0]["layouts"] == [[(layout, 0)]]
+    assert torch.equal(other.state[other.param_groups[0]["params"][0]]["momentum_buffer"],
+                       opt.state[w]["momentum_buffer"])
