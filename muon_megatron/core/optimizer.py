@@ -101,6 +101,24 @@ def adamw_step_(
     return exp_avg, denom, step_size
 
 
+def adamw_group_step_(group: dict, state: dict, *, report_rms: bool) -> tuple[float, int]:
+    """AdamW on every parameter of ``group`` that has a gradient (``state``: the optimizer's
+    per-parameter state). Returns the sum of squares of the applied updates (weight decay
+    excluded) and their element count, for RMS reporting (0, 0 unless ``report_rms``)."""
+    sq, count = 0.0, 0
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        exp_avg, denom, step_size = adamw_step_(
+            p, p.grad, state[p], lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
+            weight_decay=group["weight_decay"],
+        )
+        if report_rms:
+            sq += float((exp_avg / denom).square().sum()) * step_size**2
+            count += p.numel()
+    return sq, count
+
+
 class Muon(torch.optim.Optimizer):
     """Moonlight's Muon with AdamW for the non-matrix parameters, in one process.
 
@@ -257,18 +275,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _adamw_group(self, group: dict) -> tuple[float, int]:
-        sq, count = 0.0, 0
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            exp_avg, denom, step_size = adamw_step_(
-                p, p.grad, self.state[p], lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
-                weight_decay=group["weight_decay"],
-            )
-            if self.report_update_rms:
-                sq += float((exp_avg / denom).square().sum()) * step_size**2
-                count += p.numel()
-        return sq, count
+        return adamw_group_step_(group, self.state, report_rms=self.report_update_rms)
 
     def _muon_group(self, group: dict) -> tuple[float, int]:
         # Nesterov inputs for every parameter, then Newton-Schulz one bucket (same shape, at most

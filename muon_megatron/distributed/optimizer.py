@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
-from ..core.optimizer import NonFiniteGradientError, adamw_step_, validate_hyperparameters
+from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, validate_hyperparameters
 from ..core.update import apply_update_, momentum_, update_scale
 from .layout import MatrixHolding, ParamLayout, holdings, view_rects
 from .plan import Plan, PlanError, make_plan
@@ -233,19 +233,11 @@ class DistributedMuon(torch.optim.Optimizer):
                 acc[0] += float(update.square().sum()) * group["lr"] ** 2
                 acc[1] += update.numel()
         for gi, group in enumerate(self.param_groups):
-            if group["use_muon"]:
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                exp_avg, denom, step_size = adamw_step_(
-                    p, p.grad, self.state[p], lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
-                    weight_decay=group["weight_decay"],
-                )
-                if self.report_update_rms:
-                    acc = sums.setdefault(gi, [0.0, 0])
-                    acc[0] += float((exp_avg / denom).square().sum()) * step_size**2
-                    acc[1] += p.numel()
+            if not group["use_muon"]:
+                sq, count = adamw_group_step_(group, self.state, report_rms=self.report_update_rms)
+                acc = sums.setdefault(gi, [0.0, 0])
+                acc[0] += sq
+                acc[1] += count
         if self.report_update_rms:
             self.last_update_rms = self._reduce_rms(sums)
             logger.info("update RMS per group: %s", {k: f"{v:.3e}" for k, v in self.last_update_rms.items()})
