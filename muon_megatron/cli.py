@@ -44,7 +44,7 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "demo": Subcommand("muon_megatron.demo", "train a small byte-level transformer on the Python stdlib: Muon vs AdamW"),
+    "demo": Subcommand("muon_megatron.demo", "Moonlight-mini (or a byte-level LM) on the Python stdlib through an engine adapter: Muon vs AdamW"),
     "plan": Subcommand("muon_megatron.planner", "Muon's per-rank memory, Newton-Schulz work and traffic for a Megatron layout"),
     "analyze": Subcommand("muon_megatron.analysis", "SVD entropy of a checkpoint's weight matrices (Moonlight's comparison)"),
     "megatron": Subcommand("muon_megatron.megatron.launch", "run a Megatron training script with --optimizer muon installed"),

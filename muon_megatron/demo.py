@@ -1,4 +1,9 @@
-"""``muon-megatron demo``: Muon against AdamW on a small byte-level transformer, in plain PyTorch.
+"""``muon-megatron demo``: Muon against AdamW on Moonlight-mini or a small byte-level transformer.
+
+``--model moonlight-mini`` (the default) trains the Moonlight-family model of
+:mod:`muon_megatron.models` through an engine adapter chosen by ``--engine`` (see
+:mod:`muon_megatron.demo_engines`); ``--model byte-lm`` the small byte-level transformer below, in
+plain PyTorch.
 
 The corpus is the Python standard library's own ``.py`` sources, read from this interpreter's
 installation (never downloaded): every tenth file (sorted by name) is held out for validation.
@@ -9,7 +14,8 @@ decay: Moonlight's claim is that AdamW's hyper-parameters carry over to Muon unc
 their parts), AdamW the embeddings, head and norm gains.
 
 Writes ``loss.png`` (train and validation loss of both runs) and ``summary.json`` to ``--out``.
-Defaults finish in about a minute on two idle CPU cores (measured 59 s); a GPU is used when present.
+byte-lm's defaults finish in about a minute on two idle CPU cores (measured 59 s); a GPU is used
+when present.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ import torch.nn.functional as F
 from .core import FusedQKV, GateUp, Muon, muon_param_groups
 
 OPTIMIZERS = ("muon", "adamw")
+DEMO_MODELS = ("byte-lm", "moonlight-mini")
+# Per-model defaults of the flags left unset (None): Moonlight-mini's steps cost several times a
+# byte-lm step on the CPU, so it runs fewer, smaller ones to finish in a few minutes.
+MODEL_DEFAULTS = {
+    "byte-lm": {"steps": 200, "batch_size": 16, "seq_len": 128, "d_model": 128, "layers": 4, "heads": 4},
+    "moonlight-mini": {"steps": 100, "batch_size": 8, "seq_len": 128},
+}
 
 
 # --- corpus --------------------------------------------------------------------------------------
@@ -237,17 +250,24 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="moonlight-mini", choices=DEMO_MODELS,
+                        help="moonlight-mini (MLA + MoE, through --engine) or byte-lm (plain torch) (default: %(default)s)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "torch", "deepspeed", "megatron"),
+                        help="moonlight-mini's engine; 'auto': megatron with CUDA and megatron-core, else deepspeed "
+                             "if it imports, else torch (default: %(default)s)")
     parser.add_argument("--out", default="runs/demo", help="output folder for loss.png and summary.json (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per optimizer (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per optimizer (default: 100 for moonlight-mini, 200 for byte-lm)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak lr, the same for Muon and AdamW (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay for both (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default: %(default)s)")
-    parser.add_argument("--d-model", type=int, default=128, help="hidden size (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (default: %(default)s)")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per step (default: 8 for moonlight-mini, 16 for byte-lm)")
+    parser.add_argument("--seq-len", type=int, default=None, help="bytes per sequence (default: 128)")
+    parser.add_argument("--d-model", type=int, default=None, help="byte-lm's hidden size (default: 128)")
+    parser.add_argument("--layers", type=int, default=None, help="byte-lm's transformer blocks (default: 4)")
+    parser.add_argument("--heads", type=int, default=None, help="byte-lm's attention heads (default: 4)")
     parser.add_argument("--eval-every", type=int, default=25, help="validation interval in steps (default: %(default)s)")
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (default: %(default)s)")
     parser.add_argument("--max-bytes", type=int, default=8_000_000, help="corpus size cap (default: %(default)s)")
@@ -260,14 +280,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> list[str]:
+    for flag, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.model != "byte-lm":
+        given = [f"--{f.replace('_', '-')}" for f in ("d_model", "layers", "heads") if getattr(args, f) is not None]
+        if given:
+            raise SystemExit(f"{', '.join(given)} size byte-lm only; --model {args.model} has a fixed architecture "
+                             "(muon_megatron.models); add --model byte-lm to size the byte-level transformer")
+    if args.model == "byte-lm" and args.engine not in ("auto", "torch"):
+        raise SystemExit(f"--model byte-lm runs on --engine torch only (got --engine {args.engine}); "
+                         "the engine adapters run --model moonlight-mini")
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:
         raise SystemExit(f"--optimizers: unknown {bad or names}; choose from {list(OPTIMIZERS)}")
     for flag in ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "eval_every", "eval_batches"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.d_model % args.heads:
+    if args.model == "byte-lm" and args.d_model % args.heads:
         raise SystemExit(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
     return names
 
@@ -279,11 +310,10 @@ def run(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as err:
         raise SystemExit(f"the demo needs tqdm and matplotlib: pip install 'muon-megatron[demo]' ({err})") from None
+    if args.model != "byte-lm":
+        return run_engine(args, names, tqdm)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.ns_dtype == "auto":
-        args.ns_dtype_resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        args.ns_dtype_resolved = getattr(torch, args.ns_dtype)
+    _resolve_ns_dtype(args, device)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -303,16 +333,14 @@ def run(args) -> int:
     progress = (lambda it, **kw: _Quiet(it)) if args.no_progress else (lambda it, **kw: tqdm(it, **kw))
     results = [train_one(name, args, cfg, train, val_batches, device, progress) for name in names]
 
-    print(f"{'optimizer':>9} {'val loss start':>15} {'val loss end':>13} {'train loss end':>15} {'seconds':>8}")
-    for r in results:
-        print(f"{r['optimizer']:>9} {r['initial_val_loss']:>15.4f} {r['final_val_loss']:>13.4f} "
-              f"{r['final_train_loss']:>15.4f} {r['seconds']:>8.1f}")
+    _print_table(results)
     plot(results, out / "loss.png",
          f"byte-level LM on the Python stdlib: {n_params / 1e6:.2f} M params, {args.steps} steps")
     summary = {
-        "config": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
-                   for k, v in vars(args).items() if not callable(v)},
-        "model": asdict(cfg) | {"parameters": n_params},
+        "config": _config_of(args),
+        "engine": "torch",
+        "engine_reason": "byte-lm runs in plain torch",
+        "model": {"name": "byte-lm"} | asdict(cfg) | {"parameters": n_params},
         "corpus": corpus,
         "device": str(device),
         "torch": torch.__version__,
@@ -322,6 +350,76 @@ def run(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}")
     return 0
+
+
+def _config_of(args) -> dict:
+    return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+            for k, v in vars(args).items() if not callable(v)}
+
+
+def _resolve_ns_dtype(args, device: torch.device) -> None:
+    if args.ns_dtype == "auto":
+        args.ns_dtype_resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        args.ns_dtype_resolved = getattr(torch, args.ns_dtype)
+
+
+def run_engine(args, names: list[str], tqdm) -> int:
+    """Moonlight-mini through the engine that ``--engine`` picks (:mod:`.demo_engines`)."""
+    from . import demo_engines
+
+    engine, reason = demo_engines.choose_engine(args.engine)
+    print(f"engine: {engine} ({reason})")
+    if engine == "torch":
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    else:  # the engines place the model themselves: on the GPU when there is one
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device != "auto":
+            print(f"note: --device {args.device} applies to --engine torch only; {engine} uses {device}")
+    _resolve_ns_dtype(args, device)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = demo_engines.model_spec(args)
+    train, val, corpus = load_corpus(args.max_bytes)
+    if min(len(train), len(val)) <= args.seq_len + 1:
+        raise SystemExit(f"--max-bytes {args.max_bytes} leaves too little text for --seq-len {args.seq_len}")
+    val_gen = torch.Generator().manual_seed(args.seed + 2)
+    val_batches = [sample_batch(val, args.batch_size, args.seq_len, val_gen) for _ in range(args.eval_batches)]
+    n_params = demo_engines.parameter_count(spec)
+    print(f"corpus: {corpus['files']} stdlib files from {corpus['source']} "
+          f"({corpus['train_bytes']:,} train / {corpus['val_bytes']:,} validation bytes)")
+    print(f"model: {spec.name}, {n_params:,} parameters ({spec.num_layers} layers, hidden {spec.hidden}, "
+          f"{spec.moe.num_experts if spec.moe else 0} experts); device {device}; {args.steps} steps of "
+          f"{args.batch_size} x {args.seq_len} bytes; lr {args.lr}, weight decay {args.weight_decay}; "
+          f"Newton-Schulz in {str(args.ns_dtype_resolved).replace('torch.', '')}")
+    progress = (lambda it, **kw: _Quiet(it)) if args.no_progress else (lambda it, **kw: tqdm(it, **kw))
+    results = [demo_engines.train_one(name, engine, spec, args, train, val_batches, device, progress)
+               for name in names]
+    _print_table(results)
+    plot(results, out / "loss.png",
+         f"{spec.name} via {engine}, Python stdlib: {n_params / 1e6:.2f} M params, {args.steps} steps")
+    summary = {
+        "config": _config_of(args),
+        "engine": engine,
+        "engine_reason": reason,
+        "model": {"name": spec.name, "parameters": n_params, "layers": spec.num_layers, "hidden": spec.hidden,
+                  "experts": spec.moe.num_experts if spec.moe else 0, "seq_len": args.seq_len},
+        "corpus": corpus,
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "results": results,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}")
+    return 0
+
+
+def _print_table(results: list[dict]) -> None:
+    print(f"{'optimizer':>9} {'val loss start':>15} {'val loss end':>13} {'train loss end':>15} {'seconds':>8}")
+    for r in results:
+        print(f"{r['optimizer']:>9} {r['initial_val_loss']:>15.4f} {r['final_val_loss']:>13.4f} "
+              f"{r['final_train_loss']:>15.4f} {r['seconds']:>8.1f}")
 
 
 class _Quiet:

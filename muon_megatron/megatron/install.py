@@ -50,6 +50,9 @@ def install() -> None:
     if hasattr(training, "wrap_model_chunks_with_ddp"):
         _ORIGINALS["wrap_model_chunks_with_ddp"] = training.wrap_model_chunks_with_ddp
         training.wrap_model_chunks_with_ddp = _wrap_model_chunks_with_ddp
+    if hasattr(training, "load_checkpoint"):
+        _ORIGINALS["load_checkpoint"] = training.load_checkpoint
+        training.load_checkpoint = _load_checkpoint
     logger.info("muon-megatron installed: --optimizer muon builds Moonlight's Muon")
 
 
@@ -64,6 +67,41 @@ def uninstall() -> None:
     training.get_megatron_optimizer = _ORIGINALS.pop("get_megatron_optimizer")
     if "wrap_model_chunks_with_ddp" in _ORIGINALS:
         training.wrap_model_chunks_with_ddp = _ORIGINALS.pop("wrap_model_chunks_with_ddp")
+    if "load_checkpoint" in _ORIGINALS:
+        training.load_checkpoint = _ORIGINALS.pop("load_checkpoint")
+
+
+# A torch_dist checkpoint written with another optimizer fails inside Megatron's loader with a
+# KeyError listing the missing optimizer keys. These markers tell whose state the message is about:
+# Muon's model-space keys against Megatron's distributed-optimizer (Adam) keys.
+_MUON_KEY_MARK = "momentum_buffer"
+_ADAM_KEY_MARKS = ("exp_avg", "optimizer.distributed.")
+
+
+def _load_checkpoint(ddp_model, optimizer, *args, **kwargs):
+    """Megatron's ``load_checkpoint``; a checkpoint whose optimizer state is of the other kind
+    (Adam's for a Muon run, Muon's for another optimizer) raises :class:`OptimizerStateMismatch`
+    naming ``--no-load-optim`` instead of Megatron's missing-key error."""
+    try:
+        return _ORIGINALS["load_checkpoint"](ddp_model, optimizer, *args, **kwargs)
+    except BaseException as err:  # noqa: BLE001 - re-raised unless it is the mismatch described above
+        # (torch.distributed.checkpoint's CheckpointException, which carries the ranks' KeyErrors,
+        # derives from BaseException.)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        from megatron.training import get_args
+
+        from .inner import mismatch
+
+        text = str(err)
+        if "optimizer" not in text:
+            raise
+        muon_run = getattr(get_args(), "optimizer", None) == "muon"
+        if muon_run and any(mark in text for mark in _ADAM_KEY_MARKS) and _MUON_KEY_MARK not in text:
+            raise mismatch("it holds another optimizer's state, e.g. Adam's exp_avg / exp_avg_sq") from err
+        if not muon_run and _MUON_KEY_MARK in text:
+            raise mismatch(f"it holds Muon state and this run's --optimizer is {get_args().optimizer!r}") from err
+        raise
 
 
 def _add_megatron_arguments(parser):

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 TINY = ["--steps", "30", "--batch-size", "8", "--seq-len", "32", "--d-model", "32", "--layers", "1",
         "--heads", "2", "--eval-every", "10", "--eval-batches", "2", "--max-bytes", "300000", "--lr", "1e-2",
-        "--no-progress"]
+        "--no-progress", "--model", "byte-lm"]
 
 
 def test_demo_writes_plot_and_summary_and_both_losses_fall(tmp_path, capsys):

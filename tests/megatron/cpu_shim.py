@@ -109,6 +109,9 @@ def activate() -> None:
     torch.cuda.manual_seed_all = lambda *args, **kwargs: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _tensor_type
+    # torch's own Adam (Megatron's --optimizer adam) asks the accelerator whether a CUDA graph is
+    # being captured; a CUDA build of torch with no GPU cannot answer.
+    torch.optim.Optimizer._accelerator_graph_capture_health_check = lambda self: None
 
     # MoE dispatch passes split sizes as tensors (on a GPU they are host copies kept as tensors);
     # gloo's binding wants sequences of ints.
