@@ -9,6 +9,7 @@ Newton-Schulz casts to first, so the result equals NS on the full matrix in one 
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -122,6 +123,16 @@ class MuonExchange:
                 self.late.append((shape, waiting))
         self.communicates = W > 1 and (sum(plan.gather_elems) + sum(plan.return_elems)) > 0
         self.orthogonalized: list[str] = []
+        self._ns_wall = 0.0
+        self._ns_events: list = []
+
+    @property
+    def ns_seconds(self) -> float:
+        """Time this rank spent in Newton-Schulz during the last :meth:`run`. On a GPU it is
+        measured with CUDA events and reading it waits for them (read it when logging)."""
+        if self._ns_events:
+            return sum(start.elapsed_time(end) for start, end in self._ns_events) / 1e3
+        return self._ns_wall
 
     def _exchange(self, send: torch.Tensor, recv: torch.Tensor, send_sizes, recv_sizes):
         if not self.communicates:
@@ -161,11 +172,24 @@ class MuonExchange:
         results: dict[int, torch.Tensor] = {}
         self.orthogonalized = []
 
+        self._ns_wall, self._ns_events = 0.0, []
+        cuda = device.type == "cuda"
+
         def orthogonalize(buckets):
             for _, indices in buckets:
                 for start in range(0, len(indices), max_batch):
                     chunk = indices[start : start + max_batch]
+                    if cuda:
+                        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        events[0].record()
+                    else:
+                        began = time.perf_counter()
                     out = backend([full[i] for i in chunk], steps=steps, coefficients=coefficients, dtype=dtype)
+                    if cuda:
+                        events[1].record()
+                        self._ns_events.append(events)
+                    else:
+                        self._ns_wall += time.perf_counter() - began
                     for i, O in zip(chunk, out):
                         results[i] = O
                         self.orthogonalized.append(self.plan.matrices[i].name)

@@ -76,17 +76,21 @@ class MegatronMuon(DistributedMuon):
 
 
 def tensorboard_hook(writer_fn: Callable, iteration_fn: Callable, prefix: str = "muon") -> Callable:
-    """A step hook writing ``<prefix>/optimizer-step-seconds`` and, when the optimizer reports
-    it, ``<prefix>/update-rms/<muon|adamw>-group<i>`` to ``writer_fn()`` (a TensorBoard
-    ``SummaryWriter`` or None) at step ``iteration_fn()``. Also logs them at DEBUG."""
+    """A step hook writing ``<prefix>/optimizer-step-seconds``, ``<prefix>/newton-schulz-seconds``
+    (this rank's) and, when the optimizer reports it, ``<prefix>/update-rms/<muon|adamw>-group<i>``
+    to ``writer_fn()`` (a TensorBoard ``SummaryWriter`` or None) at step ``iteration_fn()``. Also
+    logs them at DEBUG."""
 
     def hook(opt: MegatronMuon) -> None:
         writer = writer_fn()
         step = iteration_fn()
-        logger.debug("muon step %s: %.3f ms, update RMS %s", step, 1e3 * opt.last_step_seconds, opt.last_update_rms)
+        ns_seconds = opt.exchange.ns_seconds
+        logger.debug("muon step %s: %.3f ms (Newton-Schulz %.3f ms), update RMS %s", step,
+                     1e3 * opt.last_step_seconds, 1e3 * ns_seconds, opt.last_update_rms)
         if writer is None:
             return
         writer.add_scalar(f"{prefix}/optimizer-step-seconds", opt.last_step_seconds, step)
+        writer.add_scalar(f"{prefix}/newton-schulz-seconds", ns_seconds, step)
         for index, rms in opt.last_update_rms.items():
             kind = "muon" if opt.param_groups[index]["use_muon"] else "adamw"
             writer.add_scalar(f"{prefix}/update-rms/{kind}-group{index}", rms, step)

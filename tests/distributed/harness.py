@@ -34,7 +34,17 @@ def _entry(rank, world, port, outdir, fn, args):
 
 def run_ranks(fn, world: int, *args, timeout: float = 300):
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the list of results.
-    ``fn`` must be importable (module level). Any rank's exception is raised here with its traceback."""
+    ``fn`` must be importable (module level). Any rank's exception is raised here with its traceback.
+    A port taken between choosing it and binding it (another process on the machine) is retried."""
+    for attempt in range(3):
+        try:
+            return _run_ranks_once(fn, world, args, timeout)
+        except RuntimeError as err:
+            if "ddress already in use" not in str(err) or attempt == 2:
+                raise
+
+
+def _run_ranks_once(fn, world: int, args: tuple, timeout: float):
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(_entry, args=(world, free_port(), outdir, fn, args), nprocs=world, join=False,
                                  start_method="spawn")

@@ -29,13 +29,15 @@ def _optimizer(report=True):
     return opt
 
 
-def test_step_hook_writes_step_time_and_update_rms_to_the_writer():
+def test_step_hook_writes_step_time_newton_schulz_time_and_update_rms_to_the_writer():
     opt = _optimizer()
     writer = FakeWriter()
     opt.step_hooks.append(tensorboard_hook(lambda: writer, lambda: 7))
     opt.step()
     assert writer.scalars["muon/optimizer-step-seconds"][1] == 7
     assert writer.scalars["muon/optimizer-step-seconds"][0] > 0
+    ns_seconds, step = writer.scalars["muon/newton-schulz-seconds"]
+    assert step == 7 and 0 < ns_seconds <= writer.scalars["muon/optimizer-step-seconds"][0]
     assert "muon/update-rms/muon-group0" in writer.scalars and "muon/update-rms/adamw-group1" in writer.scalars
 
 
