@@ -16,7 +16,8 @@ Without the distributed optimizer, megatron-core's ``Float16OptimizerWithFloat16
 ``use_muon``) out of checkpoints and across loads, so a checkpoint from another layout loads; the
 wrappers of :func:`muon_wrapper_class` match param groups by their ``use_muon`` markers.
 
-Legacy ``--ckpt-format torch`` with the distributed optimizer is refused with a clear message.
+Legacy ``--ckpt-format torch`` with the distributed optimizer: one file on DP rank 0 with every rank's
+fp32 main-parameter shards, Muon momentum and AdamW shard state; it loads at the same DP size.
 Another optimizer's state (e.g. AdamW's) loaded into Muon raises :class:`OptimizerStateMismatch`
 naming ``--no-load-optim``. (The reverse, Muon state loaded by megatron-core's Adam, fails inside
 megatron-core with its own message.)
@@ -177,13 +178,48 @@ def _distributed_optimizer_class():
                     target.data.view(-1).copy_(piece)
 
         def save_parameter_state(self, filename: str):
-            raise NotImplementedError(
-                "muon-megatron saves the distributed optimizer's state with --ckpt-format torch_dist only; "
-                "the legacy torch format assumes Adam's state"
-            )
+            """``--ckpt-format torch``: every data-parallel rank's fp32 main-parameter shards, Muon
+            momentum (as layout pieces) and AdamW shard state, gathered into one file on DP rank 0."""
+            inner = self.optimizer
+            adamw = [
+                {k: v.detach().cpu() for k, v in inner.state[p].items()}
+                for g in inner.param_groups if not g["use_muon"] for p in g["params"]
+            ]
+            mine = {"momentum": [dict(piece, values=None if piece["values"] is None else piece["values"].cpu())
+                                 for piece in inner.momentum_pieces()], "adamw": adamw,
+                    # the fp32 main-parameter shards: after a load Megatron copies them to the model
+                    "params": [p.detach().cpu() for g in inner.param_groups for p in g["params"]]}
+            gathered = [None] * self.data_parallel_group.size()
+            torch.distributed.all_gather_object(gathered, mine, group=self.data_parallel_group)
+            if self.data_parallel_group.rank() == 0:
+                torch.save({"sharding_type": SHARDING_TYPE, "ranks": gathered}, filename)
 
         def load_parameter_state(self, filename: str, *, update_legacy_format=False):
-            self.save_parameter_state(filename)
+            """Inverse of :meth:`save_parameter_state`, at the same data-parallel size (else a
+            ValueError saying to use torch_dist, which reshards)."""
+            saved = torch.load(filename, map_location="cpu", weights_only=False)
+            if not isinstance(saved, dict) or saved.get("sharding_type") != SHARDING_TYPE:
+                raise _mismatch(f"{filename} is not muon-megatron's distributed-optimizer state")
+            inner = self.optimizer
+            from .factory import init_muon_state
+
+            ranks = saved["ranks"]
+            if len(ranks) != self.data_parallel_group.size():
+                raise ValueError(
+                    f"{filename} holds the shards of {len(ranks)} data-parallel ranks, this run has "
+                    f"{self.data_parallel_group.size()}; resume at the same DP size, or use --ckpt-format torch_dist "
+                    "(which reshards)"
+                )
+            init_muon_state(inner)
+            inner.load_momentum_pieces([piece for rank in ranks for piece in rank["momentum"]])
+            mine = ranks[self.data_parallel_group.rank()]
+            with torch.no_grad():
+                for p, value in zip([p for g in inner.param_groups for p in g["params"]], mine["params"]):
+                    p.copy_(value)
+            params = [p for g in inner.param_groups if not g["use_muon"] for p in g["params"]]
+            adamw = mine["adamw"]
+            for p, state in zip(params, adamw):
+                inner.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
 
     return MuonDistributedOptimizer
 

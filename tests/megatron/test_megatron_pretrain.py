@@ -78,3 +78,23 @@ def test_muon_from_an_adam_checkpoint_needs_no_load_optim_and_says_so(tmp_path):
     for out in switched:
         assert out["optimizer"] == "muon" and len(out["losses"]) == 3  # resumed at iteration 3
         assert all(math.isfinite(v) for v in out["losses"])
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False])
+def test_pretrain_resumes_from_a_legacy_torch_format_checkpoint_like_an_uninterrupted_run(tmp_path,
+                                                                                       distributed_optimizer):
+    """--ckpt-format torch, Megatron's legacy per-rank files (plus distrib_optim.pt with the
+    distributed optimizer): six iterations, save; a new run loads and trains six more; both halves
+    follow an uninterrupted twelve-iteration run with the same flags within bf16 rounding."""
+    flags = ["--bf16", "--ckpt-format", "torch"] + (["--use-distributed-optimizer"] if distributed_optimizer else [])
+    ckpt = str(tmp_path / "ckpt")
+    straight = run_world(mcore_pretrain.pretrain_worker, 2, flags)
+    first = run_world(mcore_pretrain.pretrain_worker, 2,
+                      flags + ["--train-iters", "6", "--save", ckpt, "--save-interval", "6"])
+    resumed = run_world(mcore_pretrain.pretrain_worker, 2,
+                        flags + ["--load", ckpt, "--override-opt_param-scheduler", "--no-load-rng"])
+    for before, a, b in zip(straight, first, resumed):
+        got = a["losses"] + b["losses"]
+        assert len(got) == 12, got
+        for e, g in zip(before["losses"], got):
+            assert abs(e - g) <= 2e-3 * abs(e), (before["losses"], got)
