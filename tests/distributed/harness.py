@@ -26,6 +26,9 @@ def _entry(rank, world, port, outdir, fn, args):
     try:
         result = fn(rank, world, *args)
         torch.save({"ok": result}, os.path.join(outdir, f"{rank}.pt"))
+        # Every rank done with its collectives before any tears the group down: gloo aborts a
+        # process ("terminate called without an active exception") torn down mid-exchange.
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
         torch.save({"error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt"))
     finally:
