@@ -23,7 +23,6 @@ from muon_megatron.distributed import (
     flat_layouts,
     holdings,
     make_plan,
-    ns_flops,
 )
 from muon_megatron import ExpertStack, Whole
 from muon_megatron.models import MOONLIGHT_16B_A3B, get_model, weights
@@ -45,12 +44,7 @@ def param_specs(model):
 
 def aligned_per_rank(specs, dp):
     muon = [s for s in specs if s.use_muon]  # AdamW parameters keep their own, flatly sharded bucket
-    items = []
-    for s in muon:
-        mats = s.split.matrices(s.shape)
-        contiguous = all(len(m.blocks) == 1 and m.blocks[0].cols == s.split.view_shape(s.shape)[1] for m in mats)
-        parts = tuple((m.shape[0] * m.shape[1], ns_flops(*m.shape)) for m in mats) if contiguous else ()
-        items.append(AlignItem(s.key, s.numel, sum(ns_flops(*m.shape) for m in mats), parts))
+    items = [AlignItem.of(s.key, s.shape, s.split) for s in muon]
     layout = aligned_layout(items, dp)
     return layout.layouts(muon), sum(layout.padding) / (layout.partition_size * dp)
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muon_megatron import ExpertStack, Whole
-from muon_megatron.distributed import AlignItem, DistributedMuon, ParamSpec, aligned_layout, flat_layouts, ns_flops
+from muon_megatron.distributed import AlignItem, DistributedMuon, ParamSpec, aligned_layout, flat_layouts
 from muon_megatron.models import get_model, weights
 
 
@@ -41,7 +41,7 @@ def muon_specs(model_name: str) -> list[ParamSpec]:
 def layouts_for(kind: str, specs, world: int):
     if kind == "gather":
         return flat_layouts(specs, world)
-    items = [AlignItem(s.key, s.numel, sum(ns_flops(*m.shape) for m in s.split.matrices(s.shape))) for s in specs]
+    items = [AlignItem.of(s.key, s.shape, s.split) for s in specs]
     return aligned_layout(items, world).layouts(specs)
 
 

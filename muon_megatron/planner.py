@@ -193,14 +193,11 @@ def _buffer_layouts(
         # separate buckets and DeepSpeed separate param groups.
         muon = [loc for loc in locals_ if loc.muon]
         adamw = [loc for loc in locals_ if not loc.muon]
-        items = []
-        for loc in muon:
-            mats = loc.split.matrices(loc.full_shape)
-            whole = loc.shard[2:] == loc.split.view_shape(loc.full_shape)
-            rows_only = whole and all(len(m.blocks) == 1 and m.blocks[0].cols == loc.shard[3] for m in mats)
-            parts = tuple((m.shape[0] * m.shape[1], ns_flops(*m.shape)) for m in mats) if rows_only else ()
-            items.append(AlignItem(loc.key, loc.numel, sum(ns_flops(*m.shape) for m in mats) if whole
-                                   else ns_flops(*loc.shard[2:]), parts))
+        items = [
+            AlignItem.of(loc.key, loc.full_shape, loc.split) if loc.shard[2:] == loc.split.view_shape(loc.full_shape)
+            else AlignItem(loc.key, loc.numel, ns_flops(*loc.shard[2:]))
+            for loc in muon
+        ]
         aligned = aligned_layout(items, group)
         size = aligned.partition_size
         per_rank: list[list[tuple[ParamLayout, bool]]] = [[] for _ in range(group)]

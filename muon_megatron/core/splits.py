@@ -261,14 +261,6 @@ def gather_matrix(view: torch.Tensor, mat: LogicalMatrix) -> torch.Tensor:
     return out
 
 
-def scatter_matrix_(view: torch.Tensor, mat: LogicalMatrix, value: torch.Tensor) -> None:
-    """Write logical matrix ``value`` back into ``view`` (mutates ``view``)."""
-    for b in mat.blocks:
-        view[b.src_row : b.src_row + b.rows, b.src_col : b.src_col + b.cols] = value[
-            b.dst_row : b.dst_row + b.rows, b.dst_col : b.dst_col + b.cols
-        ]
-
-
 _SPLIT_TYPES = {cls.__name__: cls for cls in (Whole, FusedQKV, GateUp, ExpertStack)}
 
 

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..core.newton_schulz import ns_flops
 from ..core.splits import LogicalMatrix, SplitSpec, check_tiling, default_split
 
 Rect = tuple[int, int, int, int]  # (row, col, rows, cols)
@@ -209,6 +210,17 @@ class AlignItem:
     numel: int
     flops: float = 0.0
     parts: tuple = ()
+
+    @classmethod
+    def of(cls, key: str, shape: Sequence[int], split: Optional[SplitSpec] = None) -> "AlignItem":
+        """The item of a whole Muon parameter: FLOPs summed over its logical matrices, and
+        ``parts`` when each matrix is one run of whole rows of the view (contiguous in memory)."""
+        split = split or default_split(shape)
+        mats = split.matrices(shape)
+        cols = split.view_shape(shape)[1]
+        contiguous = all(len(m.blocks) == 1 and m.blocks[0].cols == cols for m in mats)
+        parts = tuple((m.shape[0] * m.shape[1], ns_flops(*m.shape)) for m in mats) if contiguous else ()
+        return cls(key, math.prod(int(v) for v in shape), sum(ns_flops(*m.shape) for m in mats), parts)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
 from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, validate_hyperparameters
 from ..core.update import apply_update_, momentum_, update_scale
-from .layout import MatrixHolding, ParamLayout, holdings, view_rects
+from .layout import MatrixHolding, ParamLayout, PieceRect, holdings, view_rects
 from .plan import Plan, PlanError, make_plan
 from .runtime import MuonExchange, rect_view
 
@@ -283,10 +283,9 @@ class DistributedMuon(torch.optim.Optimizer):
             buf = self.state[p].get("momentum_buffer")
             flat = buf.view(-1).narrow(0, offset, layout.numel) if buf is not None else None
             for (row, col, rows, cols), start in view_rects(layout):
-                stride = layout.shard_rect[3]
                 values = None
                 if flat is not None:
-                    values = flat.narrow(0, start, (rows - 1) * stride + cols).as_strided((rows, cols), (stride, 1)).clone()
+                    values = rect_view(flat, PieceRect(row, col, rows, cols, start, layout.shard_rect[3])).clone()
                 out.append({"key": layout.key, "view": layout.view_shape, "rect": (row, col, rows, cols), "values": values})
         return out
 
@@ -304,7 +303,7 @@ class DistributedMuon(torch.optim.Optimizer):
             stride = layout.shard_rect[3]
             covered = 0
             for (row, col, rows, cols), start in view_rects(layout):
-                target = flat.narrow(0, start, (rows - 1) * stride + cols).as_strided((rows, cols), (stride, 1))
+                target = rect_view(flat, PieceRect(row, col, rows, cols, start, stride))
                 for saved in by_key.get(layout.key, []):
                     if saved["values"] is None:
                         continue

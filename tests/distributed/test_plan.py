@@ -120,11 +120,8 @@ def test_aligned_layout_puts_each_matrix_whole_in_one_partition_and_needs_no_gat
 def test_aligned_layout_cuts_an_oversized_item_and_still_balances():
     # one fused gate|up heavier than a rank's fair share, among many small matrices
     specs = [ParamSpec("fc1", (64, 32), mm.GateUp())] + [ParamSpec(f"w{i}", (8, 16)) for i in range(200)]
-    items = []
-    for s in specs:
-        mats = s.split.matrices(s.shape)
-        items.append(AlignItem(s.key, s.numel, sum(ns_flops(*m.shape) for m in mats),
-                               tuple((m.shape[0] * m.shape[1], ns_flops(*m.shape)) for m in mats)))
+    items = [AlignItem.of(s.key, s.shape, s.split) for s in specs]
+    assert len(items[0].parts) == 2  # gate and up are contiguous halves
     layout = aligned_layout(items, 4)
     assert layout.rank_of["fc1"] is None and all(layout.rank_of[s.key] is not None for s in specs[1:])
     plan = _plan_of(layout.layouts(specs))
