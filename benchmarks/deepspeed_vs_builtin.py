@@ -13,8 +13,13 @@ Same model, same data, same DeepSpeed config (ZeRO stage, DP size, fp32, no clip
   the error left after the best scalar fit (direction), and the scale ratio.
 
     DS_ACCELERATOR=cpu python benchmarks/deepspeed_vs_builtin.py [--world 2] [--stage 1] [--hidden 512]
+    python benchmarks/deepspeed_vs_builtin.py --device cuda --world 1 --hidden 2048 --layers 4 ...
 
-CPU by default (gloo, 127.0.0.1); with a GPU DeepSpeed picks it (nccl). Prints a markdown table.
+CPU by default (gloo, 127.0.0.1). ``--device cuda`` runs one rank per GPU (nccl) and adds each
+variant's peak GPU memory (``torch.cuda.max_memory_allocated`` over the timed loop: weights,
+gradients, optimizer state and transients). With one rank no matrix straddles a partition; every
+variant's update is still compared with the float64 reference on every Muon matrix (the max over
+matrices). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -65,16 +70,23 @@ class BenchModel(nn.Module):
         return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def batch(step: int, rank: int, args):
+def batch(step: int, rank: int, args, device="cpu"):
     g = torch.Generator().manual_seed(1000 * step + rank)
     shape = (args.micro_batch, args.seq)
-    return torch.randint(0, args.vocab, shape, generator=g), torch.randint(0, args.vocab, shape, generator=g)
+    return (torch.randint(0, args.vocab, shape, generator=g).to(device),
+            torch.randint(0, args.vocab, shape, generator=g).to(device))
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
 
 
 VARIANTS = {
     # name: (implementation, extra optimizer.params)
     "muon_megatron (NS float32)": ("muon_megatron", {"ns_dtype": "float32"}),
-    "muon_megatron (NS bfloat16)": ("muon_megatron", {"ns_dtype": "bfloat16"}),
+    "muon_megatron (NS bfloat16, torch)": ("muon_megatron", {"ns_dtype": "bfloat16", "ns_backend": "torch"}),
+    "muon_megatron (NS bfloat16, auto)": ("muon_megatron", {"ns_dtype": "bfloat16", "ns_backend": "auto"}),
     "deepspeed built-in": ("deepspeed", {"betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}),
     "AdamW (baseline)": ("adamw", {"betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}),
 }
@@ -125,55 +137,71 @@ def worker(rank, world, port, outdir, variant, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(max(1, args.threads))
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
     import logging
 
     import deepspeed
+    import deepspeed.ops
     import torch.distributed as dist
 
     import muon_megatron.deepspeed as mmds
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    # gloo or nccl does the collectives: no JIT build of DeepSpeed's shared-memory all-reduce
+    # (which also leaves a /dev/shm buffer per rank behind on the CPU).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     torch.manual_seed(0)
     model = BenchModel(args.vocab, args.hidden, args.layers)
     engine, _, _, _ = mmds.initialize(model=model, config=ds_config(args, variant))
+    device = engine.device
     counter = _Count(VARIANTS[variant][0], engine)
     muon_names = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
-    before = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in muon_names}
+    before = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if n in muon_names}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []  # (backward, step) per iteration; the built-in Muon works inside backward
     for step in range(args.warmup + args.steps + 1):
-        loss = engine(*batch(step, rank, args))
+        loss = engine(*batch(step, rank, args, device))
+        _sync(cuda)
         dist.barrier()
         t0 = time.perf_counter()
         engine.backward(loss)
+        _sync(cuda)
         dist.barrier()
         t1 = time.perf_counter()
         engine.step()
+        _sync(cuda)
         dist.barrier()
         times.append((t1 - t0, time.perf_counter() - t1))
         if step == 0:
-            after = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in muon_names}
+            after = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if n in muon_names}
             first_count = counter.n
     timed = torch.tensor(times[1 + args.warmup:], dtype=torch.float64)
-    stats = torch.stack([timed[:, 0].mean(), timed[:, 1].mean(), timed.sum(1).mean(), timed.sum(1).min()])
+    stats = torch.stack([timed[:, 0].mean(), timed[:, 1].mean(), timed.sum(1).mean(), timed.sum(1).min()]).to(device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    counts = torch.tensor([first_count])
+    counts = torch.tensor([first_count], device=device)
     dist.all_reduce(counts)
-    state = torch.tensor([_state_bytes(engine.basic_optimizer)])
-    state_max = state.clone()
-    dist.all_reduce(state_max, op=dist.ReduceOp.MAX)
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
-    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    memory = torch.tensor([_state_bytes(engine.basic_optimizer), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                           torch.cuda.max_memory_allocated() if cuda else 0], device=device)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
     if rank == 0:
+        stats, memory = stats.cpu(), memory.cpu()
         torch.save({"backward_s": stats[0].item(), "step_s": stats[1].item(), "total_mean_s": stats[2].item(),
                     "total_min_s": stats[3].item(), "ns_first_step": int(counts.item()),
-                    "state_bytes_max_rank": int(state_max.item()), "peak_rss_bytes": int(rss.item()),
-                    "before": before, "after": after, "wrapper": getattr(engine.basic_optimizer, "bound_to", None)},
+                    "state_bytes_max_rank": int(memory[0]), "peak_rss_bytes": int(memory[1]),
+                    "peak_gpu_bytes": int(memory[2]), "before": before, "after": after,
+                    "wrapper": getattr(engine.basic_optimizer, "bound_to", None)},
                    os.path.join(outdir, f"{list(VARIANTS).index(variant)}.pt"))
 
 
-def _straddling_matrix(model: nn.Module, world: int) -> str:
-    """The first Muon matrix cut by a DeepSpeed ZeRO partition boundary of the Muon flat group."""
+def _straddling_matrix(model: nn.Module, world: int) -> str | None:
+    """The first Muon matrix cut by a DeepSpeed ZeRO partition boundary of the Muon flat group
+    (None with one rank, where nothing is cut)."""
+    if world == 1:
+        return None
     muon = [(n, p.numel()) for n, p in model.named_parameters()
             if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
     total = sum(k for _, k in muon)
@@ -187,17 +215,19 @@ def _straddling_matrix(model: nn.Module, world: int) -> str:
     raise RuntimeError("no Muon matrix straddles a partition boundary; change --hidden or --layers")
 
 
-def reference_update(args, name: str) -> torch.Tensor:
+def reference_updates(args, names: list[str]) -> dict[str, torch.Tensor]:
     """Moonlight's first-step orthogonal part ``scale * NS(g)`` in float64 from the full-batch
-    gradient (momentum starts at zero, so Nesterov's input is (1 + mu) g; NS removes the factor)."""
+    gradient (momentum starts at zero, so Nesterov's input is (1 + mu) g; NS removes the factor),
+    for each matrix in ``names``; on ``args.device``, returned on the CPU."""
     from muon_megatron.core import newton_schulz, update_scale
 
     torch.manual_seed(0)
-    model = BenchModel(args.vocab, args.hidden, args.layers).double()
-    losses = [model(*batch(0, r, args)) for r in range(args.world)]
+    model = BenchModel(args.vocab, args.hidden, args.layers).double().to(args.device)
+    losses = [model(*batch(0, r, args, args.device)) for r in range(args.world)]
     torch.stack(losses).mean().backward()
-    g = dict(model.named_parameters())[name].grad
-    return update_scale("moonlight", *g.shape) * newton_schulz(g, 5, "moonlight", torch.float64)
+    params = dict(model.named_parameters())
+    return {n: (update_scale("moonlight", *params[n].shape)
+                * newton_schulz(params[n].grad, 5, "moonlight", torch.float64)).cpu() for n in names}
 
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
@@ -210,6 +240,8 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo ranks (DS_ACCELERATOR=cpu); cuda: one rank per GPU, nccl")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--stage", type=int, default=1, choices=(0, 1, 2))
     parser.add_argument("--hidden", type=int, default=512)
@@ -222,14 +254,23 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif not torch.cuda.is_available() or torch.cuda.device_count() < args.world:
+        raise SystemExit(f"--device cuda --world {args.world}: needs {args.world} GPU(s), "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} visible")
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
 
     torch.manual_seed(0)
-    name = _straddling_matrix(BenchModel(args.vocab, args.hidden, args.layers), args.world)
+    model = BenchModel(args.vocab, args.hidden, args.layers)
+    name = _straddling_matrix(model, args.world)
+    muon_names = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    del model
     results = {}
     with tempfile.TemporaryDirectory() as outdir:
         for index, variant in enumerate(VARIANTS):
+            if VARIANTS[variant][1].get("ns_backend") == "auto" and args.device != "cuda":
+                continue  # off CUDA "auto" is the torch path
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
@@ -237,37 +278,48 @@ def main(argv=None):
                                start_method="spawn")
             results[variant] = torch.load(os.path.join(outdir, f"{index}.pt"), weights_only=False)
 
-    want = reference_update(args, name)
+    want = reference_updates(args, muon_names)
     baseline = results["AdamW (baseline)"]
     rows = []
     for variant, r in results.items():
-        before, after = r["before"][name], r["after"][name]
-        orthogonal = (before * (1 - LR * WD) - after) / LR  # what the step added, weight decay removed
         row = {"variant": variant, "wrapper": r["wrapper"], **{k: v for k, v in r.items() if k not in ("before", "after")}}
         row["overhead_s"] = r["total_mean_s"] - baseline["total_mean_s"]
         if VARIANTS[variant][0] != "adamw":
-            row.update(compare(orthogonal, want))
+            # what the first step added, weight decay removed
+            errors = {n: compare((r["before"][n] * (1 - LR * WD) - r["after"][n]) / LR, want[n]) for n in muon_names}
+            if name is not None:
+                row.update(errors[name])
+            row["max_relative_error_all"] = max(e["relative_error"] for e in errors.values())
+            row["scale_ratio_range_all"] = (min(e["scale_ratio"] for e in errors.values()),
+                                            max(e["scale_ratio"] for e in errors.values()))
         rows.append(row)
-    n_muon = sum(1 for n, p in BenchModel(args.vocab, args.hidden, args.layers).named_parameters()
-                 if p.ndim == 2 and "embed" not in n and "lm_head" not in n)
-    print(f"\nDeepSpeed {__import__('deepspeed').__version__}, torch {torch.__version__}, ZeRO-{args.stage}, "
-          f"DP {args.world}, hidden {args.hidden}, {args.layers} layers ({n_muon} Muon matrices), fp32 weights, "
-          f"{args.steps} timed steps, {args.threads} thread(s) per rank; straddling matrix: {name} "
-          f"{tuple(want.shape)}\n")
-    print("| variant | backward / step (ms) | backward + step mean / min (ms) | over AdamW (ms) "
-          "| matrices orthogonalised per step (all ranks) | optimizer state MiB (max rank) | peak RSS MiB "
-          "| update rel. error | direction error | scale ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    cuda = args.device == "cuda"
+    where = (f"{torch.cuda.get_device_name()} x {args.world}, nccl" if cuda else f"CPU, gloo, {args.threads} thread(s) per rank")
+    print(f"\nDeepSpeed {__import__('deepspeed').__version__}, torch {torch.__version__}, {where}, ZeRO-{args.stage}, "
+          f"DP {args.world}, hidden {args.hidden}, {args.layers} layers ({len(muon_names)} Muon matrices), vocab "
+          f"{args.vocab}, micro-batch {args.micro_batch} x {args.seq}, fp32 weights, {args.steps} timed steps; "
+          f"straddling matrix: {name or 'none (one rank)'}\n")
+    straddle = ["straddler rel. error", "direction error", "scale ratio"] if name else []
+    heads = (["variant", "backward / step (ms)", "backward + step mean / min (ms)", "over AdamW (ms)",
+              "matrices orthogonalised per step (all ranks)", "optimizer state MiB (max rank)"]
+             + (["peak GPU memory MiB"] if cuda else ["peak RSS MiB"]) + straddle
+             + ["max rel. error, all Muon matrices", "scale ratio range"])
+    print("| " + " | ".join(heads) + " |")
+    print("|" + " --- |" * len(heads))
     for r in rows:
-        numbers = (f"| {r['relative_error']:.2e} | {r['direction_error']:.2e} | {r['scale_ratio']:.3f} |"
-                   if "relative_error" in r else "| - | - | - |")
-        print(f"| {r['variant']} | {1e3 * r['backward_s']:.1f} / {1e3 * r['step_s']:.1f} "
-              f"| {1e3 * r['total_mean_s']:.1f} / {1e3 * r['total_min_s']:.1f} | {1e3 * r['overhead_s']:+.1f} "
-              f"| {r['ns_first_step']} | {r['state_bytes_max_rank'] / 2**20:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} "
-              + numbers)
-    print("\nUpdate errors: the first step's orthogonal part on the straddling matrix against Moonlight's "
-          "0.2 sqrt(max(A, B)) NS5(g) in float64 from the full-batch gradient; direction error is what remains "
-          "after the best scalar fit, scale ratio is norm(update) / norm(reference).")
+        cells = [r["variant"], f"{1e3 * r['backward_s']:.1f} / {1e3 * r['step_s']:.1f}",
+                 f"{1e3 * r['total_mean_s']:.1f} / {1e3 * r['total_min_s']:.1f}", f"{1e3 * r['overhead_s']:+.1f}",
+                 str(r["ns_first_step"]), f"{r['state_bytes_max_rank'] / 2**20:.2f}",
+                 f"{(r['peak_gpu_bytes'] if cuda else r['peak_rss_bytes']) / 2**20:.0f}"]
+        if name:
+            cells += ([f"{r['relative_error']:.2e}", f"{r['direction_error']:.2e}", f"{r['scale_ratio']:.3f}"]
+                      if "relative_error" in r else ["-"] * 3)
+        cells += ([f"{r['max_relative_error_all']:.2e}", "{:.3f} - {:.3f}".format(*r["scale_ratio_range_all"])]
+                  if "max_relative_error_all" in r else ["-", "-"])
+        print("| " + " | ".join(cells) + " |")
+    print("\nUpdate errors: the first step's orthogonal part against Moonlight's 0.2 sqrt(max(A, B)) NS5(g) in "
+          "float64 from the full-batch gradient; direction error is what remains after the best scalar fit, scale "
+          "ratio is norm(update) / norm(reference).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "straddling_matrix": name, "rows": rows}, f, indent=2)

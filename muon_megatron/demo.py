@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from .core import FusedQKV, GateUp, Muon, muon_param_groups
 
 OPTIMIZERS = ("muon", "adamw")
-DEMO_MODELS = ("byte-lm", "moonlight-mini")
+DEMO_MODELS = ("byte-lm", "moonlight-mini", "moonlight-mini-gpu")
 # Per-model defaults of the flags left unset (None): Moonlight-mini's steps cost several times a
-# byte-lm step on the CPU, so it runs fewer, smaller ones to finish in a few minutes.
+# byte-lm step on the CPU, so it runs fewer, smaller ones to finish in a few minutes;
+# moonlight-mini-gpu (0.47 B parameters) is sized for one GPU (a few minutes on an H200).
 MODEL_DEFAULTS = {
     "byte-lm": {"steps": 200, "batch_size": 16, "seq_len": 128, "d_model": 128, "layers": 4, "heads": 4},
     "moonlight-mini": {"steps": 100, "batch_size": 8, "seq_len": 128},
+    "moonlight-mini-gpu": {"steps": 300, "batch_size": 16, "seq_len": 1024},
 }
 
 
@@ -188,6 +190,14 @@ def evaluate(model: ByteLM, batches: list[torch.Tensor]) -> float:
     return loss
 
 
+def step_times(durations: list[float]) -> dict:
+    """The first training step's seconds (one-off work: allocation, kernel selection and
+    compilation) and the median of the others (the steady state), for the summary."""
+    rest = sorted(durations[1:]) or durations
+    return {"first_step_seconds": durations[0] if durations else float("nan"),
+            "median_step_seconds": rest[len(rest) // 2] if rest else float("nan")}
+
+
 def train_one(name: str, args, cfg: ModelConfig, train, val_batches, device, progress) -> dict:
     torch.manual_seed(args.seed)  # same initial weights for every optimizer
     model = ByteLM(cfg).to(device)
@@ -198,14 +208,17 @@ def train_one(name: str, args, cfg: ModelConfig, train, val_batches, device, pro
     train_curve, val_curve = [], [(0, evaluate(model, val_batches))]
     start = time.perf_counter()
     bar = progress(range(args.steps), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
+    durations = []
     for step in bar:
+        began = time.perf_counter()
         batch = sample_batch(train, args.batch_size, cfg.seq_len, data_gen).to(device)
         loss = model.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         scheduler.step()
-        train_curve.append((step + 1, float(loss.detach())))
+        train_curve.append((step + 1, float(loss.detach())))  # float() waits for the GPU
+        durations.append(time.perf_counter() - began)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val_curve.append((step + 1, evaluate(model, val_batches)))
             bar.set_postfix(loss=f"{train_curve[-1][1]:.3f}", val=f"{val_curve[-1][1]:.3f}")
@@ -218,6 +231,7 @@ def train_one(name: str, args, cfg: ModelConfig, train, val_batches, device, pro
         "first_train_loss": train_curve[0][1],
         "final_train_loss": sum(tail) / len(tail),
         "seconds": seconds,
+        **step_times(durations),
         "train_loss": train_curve,
         "val_loss": val_curve,
     }
@@ -251,20 +265,24 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="moonlight-mini", choices=DEMO_MODELS,
-                        help="moonlight-mini (MLA + MoE, through --engine) or byte-lm (plain torch) (default: %(default)s)")
+                        help="moonlight-mini (MLA + MoE, through --engine; minutes on a CPU), moonlight-mini-gpu "
+                             "(the same family at 0.47 B parameters, for one GPU) or byte-lm (plain torch) "
+                             "(default: %(default)s)")
     parser.add_argument("--engine", default="auto", choices=("auto", "torch", "deepspeed", "megatron"),
                         help="moonlight-mini's engine; 'auto': megatron with CUDA and megatron-core, else deepspeed "
                              "if it imports, else torch (default: %(default)s)")
     parser.add_argument("--out", default="runs/demo", help="output folder for loss.png and summary.json (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per optimizer (default: 100 for moonlight-mini, 200 for byte-lm)")
+                        help="training steps per optimizer (default: 100 for moonlight-mini, 300 for moonlight-mini-gpu, "
+                             "200 for byte-lm)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak lr, the same for Muon and AdamW (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay for both (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="sequences per step (default: 8 for moonlight-mini, 16 for byte-lm)")
-    parser.add_argument("--seq-len", type=int, default=None, help="bytes per sequence (default: 128)")
+                        help="sequences per step (default: 8 for moonlight-mini, 16 for moonlight-mini-gpu and byte-lm)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="bytes per sequence (default: 1024 for moonlight-mini-gpu, else 128)")
     parser.add_argument("--d-model", type=int, default=None, help="byte-lm's hidden size (default: 128)")
     parser.add_argument("--layers", type=int, default=None, help="byte-lm's transformer blocks (default: 4)")
     parser.add_argument("--heads", type=int, default=None, help="byte-lm's attention heads (default: 4)")
@@ -290,7 +308,7 @@ def _validate(args) -> list[str]:
                              "(muon_megatron.models); add --model byte-lm to size the byte-level transformer")
     if args.model == "byte-lm" and args.engine not in ("auto", "torch"):
         raise SystemExit(f"--model byte-lm runs on --engine torch only (got --engine {args.engine}); "
-                         "the engine adapters run --model moonlight-mini")
+                         "the engine adapters run --model moonlight-mini or moonlight-mini-gpu")
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:
@@ -416,10 +434,12 @@ def run_engine(args, names: list[str], tqdm) -> int:
 
 
 def _print_table(results: list[dict]) -> None:
-    print(f"{'optimizer':>9} {'val loss start':>15} {'val loss end':>13} {'train loss end':>15} {'seconds':>8}")
+    print(f"{'optimizer':>9} {'val loss start':>15} {'val loss end':>13} {'train loss end':>15} {'seconds':>8} "
+          f"{'first step ms':>14} {'median step ms':>15}")
     for r in results:
         print(f"{r['optimizer']:>9} {r['initial_val_loss']:>15.4f} {r['final_val_loss']:>13.4f} "
-              f"{r['final_train_loss']:>15.4f} {r['seconds']:>8.1f}")
+              f"{r['final_train_loss']:>15.4f} {r['seconds']:>8.1f} {1e3 * r['first_step_seconds']:>14.1f} "
+              f"{1e3 * r['median_step_seconds']:>15.1f}")
 
 
 class _Quiet:

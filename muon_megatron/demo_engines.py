@@ -268,7 +268,7 @@ RUNNERS = {"torch": TorchRunner, "deepspeed": DeepSpeedRunner, "megatron": Megat
 
 def train_one(name: str, engine: str, spec, args, train, val_batches, device, progress) -> dict:
     """Train one model with optimizer ``name`` on ``engine``; the curves as the byte-level demo's."""
-    from .demo import lr_factor, sample_batch
+    from .demo import lr_factor, sample_batch, step_times
 
     runner = RUNNERS[engine](name, spec, args, device)
     warmup = max(1, int(args.steps * args.warmup))
@@ -276,9 +276,12 @@ def train_one(name: str, engine: str, spec, args, train, val_batches, device, pr
     train_curve, val_curve = [], [(0, runner.evaluate(val_batches))]
     start = time.perf_counter()
     bar = progress(range(args.steps), desc=f"{name:>5} [{engine}]", unit="step", dynamic_ncols=True)
+    durations = []
     for step in bar:
+        began = time.perf_counter()
         batch = sample_batch(train, args.batch_size, args.seq_len, data_gen)
-        loss = runner.train_step(batch, args.lr * lr_factor(step, args.steps, warmup))
+        loss = runner.train_step(batch, args.lr * lr_factor(step, args.steps, warmup))  # a float: GPU waited for
+        durations.append(time.perf_counter() - began)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name} on {engine}: loss became {loss} at step {step}")
         train_curve.append((step + 1, loss))
@@ -295,6 +298,7 @@ def train_one(name: str, engine: str, spec, args, train, val_batches, device, pr
         "first_train_loss": train_curve[0][1],
         "final_train_loss": sum(tail) / len(tail),
         "seconds": seconds,
+        **step_times(durations),
         "train_loss": train_curve,
         "val_loss": val_curve,
     }

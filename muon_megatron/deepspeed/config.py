@@ -21,6 +21,7 @@ from typing import Any, Optional
 from ..core.newton_schulz import resolve_coefficients
 from ..core.optimizer import resolve_dtype
 from ..core.update import check_update_scale
+from ..kernels.orthogonalize import check_backend_name
 
 #: ``optimizer.params.implementation`` values: ours, or DeepSpeed's built-in MuonWithAuxAdam.
 IMPLEMENTATIONS = ("muon_megatron", "deepspeed")
@@ -66,6 +67,10 @@ class MuonConfig:
     """fnmatch patterns of parameter names forced to AdamW (each must match a parameter)."""
     muon: tuple = ()
     """fnmatch patterns of parameter names forced to Muon (each must match a parameter)."""
+    ns_backend: str = "auto"
+    """Newton-Schulz implementation: "auto" (on CUDA the fastest of ``muon_megatron.kernels``'
+    backends, timed once per bucket shape; elsewhere the batched torch path), "torch" or a name in
+    ``muon_megatron.kernels.NS_BACKENDS``."""
     implementation: str = "muon_megatron"
     """"muon_megatron" (this package) or "deepspeed" (keep DeepSpeed's built-in MuonWithAuxAdam)."""
 
@@ -98,6 +103,7 @@ class MuonConfig:
             resolve_coefficients(self.ns_coefficients, self.ns_steps)
             check_update_scale(self.update_scale)
             resolve_dtype(self.ns_dtype)
+            check_backend_name(self.ns_backend, "ns_backend")
         except ValueError as err:
             raise ValueError(f"optimizer.params: {err}") from None
 

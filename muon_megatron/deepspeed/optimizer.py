@@ -31,6 +31,8 @@ import torch.distributed as dist
 
 from ..core.optimizer import resolve_dtype
 from ..distributed import DistributedMuon, ParamLayout
+from ..distributed.comm import collective_device
+from ..kernels.orthogonalize import orthogonalizer
 from .config import MuonConfig
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class DeepSpeedMuon(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self._inner: list[Optional[DistributedMuon]] = [None] * len(self.param_groups)
         self._index: dict[int, int] = {}
+        self._orthogonalize = orthogonalizer(config.ns_backend)  # one, so shapes are timed once
         self.bound_to: Optional[str] = None
 
     # -- binding ---------------------------------------------------------------------------------
@@ -134,7 +137,8 @@ class DeepSpeedMuon(torch.optim.Optimizer):
             private["params"] = list(desc.tensors)
             if group["use_muon"]:
                 private["layouts"] = [list(entry) for entry in desc.layouts]
-            inner = DistributedMuon([private], **self.config.optimizer_kwargs(), process_group=desc.process_group)
+            inner = DistributedMuon([private], **self.config.optimizer_kwargs(), process_group=desc.process_group,
+                                    orthogonalize=self._orthogonalize)
             inner.state = self.state
             self._inner[i] = inner
             self._index[id(group)] = i
@@ -160,7 +164,7 @@ class DeepSpeedMuon(torch.optim.Optimizer):
 
     def _all_finite(self, groups: Sequence[dict]) -> bool:
         flags = [torch.isfinite(p.grad).all() for g in groups for p in g["params"] if p.grad is not None]
-        ok = torch.tensor([0.0 if (not flags or bool(torch.stack(flags).all())) else 1.0])
+        ok = torch.tensor([0.0 if (not flags or bool(torch.stack(flags).all())) else 1.0], device=collective_device())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MAX)
         return ok.item() == 0.0

@@ -6,6 +6,7 @@ logical matrix lives), :mod:`.plan` (pure planner: owners balanced by NS FLOPs, 
 Process groups are always passed in explicitly. Imports torch and ``muon_megatron.core`` only.
 """
 
+from .comm import collective_device
 from .layout import (
     AlignedLayout,
     AlignItem,
@@ -25,6 +26,6 @@ from .runtime import MuonExchange
 
 __all__ = [
     "AlignItem", "AlignedLayout", "DistributedMuon", "MatrixHolding", "MatrixPlan", "MuonExchange", "ParamLayout",
-    "ParamSpec", "PieceRect", "Plan", "PlanError", "aligned_layout", "bucketed_layouts", "flat_layouts", "holdings",
+    "ParamSpec", "PieceRect", "Plan", "PlanError", "aligned_layout", "collective_device", "bucketed_layouts", "flat_layouts", "holdings",
     "make_plan", "matrix_name", "ns_flops",
 ]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
 from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, validate_hyperparameters
 from ..core.update import apply_update_, momentum_, update_scale
+from .comm import collective_device
 from .layout import MatrixHolding, ParamLayout, PieceRect, holdings, view_rects
 from .plan import Plan, PlanError, make_plan
 from .runtime import MuonExchange, rect_view
@@ -180,7 +181,7 @@ class DistributedMuon(torch.optim.Optimizer):
         local = torch.stack(flags).tolist() if flags else []
         ok = all(local)
         if self.distributed and self.world_size > 1:
-            flag = torch.tensor([0.0 if ok else 1.0], device=flags[0].device if flags else "cpu")
+            flag = torch.tensor([0.0 if ok else 1.0], device=collective_device(self.group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             ok = flag.item() == 0.0
         if ok:
@@ -249,7 +250,9 @@ class DistributedMuon(torch.optim.Optimizer):
         for gi, (sq, count) in sums.items():
             t[2 * gi], t[2 * gi + 1] = sq, count
         if self.distributed and self.world_size > 1:
+            t = t.to(collective_device(self.group))
             dist.all_reduce(t, group=self.group)
+            t = t.cpu()
         return {gi: math.sqrt(t[2 * gi] / t[2 * gi + 1]) for gi in range(n) if t[2 * gi + 1] > 0}
 
     # -- checkpoints ----------------------------------------------------------------------------

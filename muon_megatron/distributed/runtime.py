@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..core.newton_schulz import CoefficientSpec
 from ..core.update import orthogonalize_batched
+from .comm import collective_device
 from .layout import MatrixHolding, PieceRect
 from .plan import Plan
 
@@ -156,7 +157,7 @@ class MuonExchange:
         Newton-Schulz backend for a list of same-shape matrices (default
         :func:`muon_megatron.core.update.orthogonalize_batched`), at most ``max_batch`` per call."""
         backend = orthogonalize or orthogonalize_batched
-        device = inputs[0].device if len(inputs) else torch.device("cpu")
+        device = inputs[0].device if len(inputs) else collective_device(self.group)
         send = torch.empty(self.send_gather_total, dtype=dtype, device=device)
         for _, route in self.send_gather:
             pack(inputs[route.holding.slot], route.holding, send[route.start : route.start + route.holding.numel])

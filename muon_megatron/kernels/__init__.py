@@ -10,14 +10,21 @@ Backends are listed in :mod:`.registry` (its docstring says how to add one).
 from .fused_muon import FusedMuon
 from .ns_torch import newton_schulz_fused
 from .ns_triton import newton_schulz_triton, symmetric_product, triton_importable
-from .orthogonalize import GraphedNewtonSchulz, orthogonalize_grouped
+from .orthogonalize import (
+    ADAPTER_BACKENDS,
+    AutoOrthogonalizer,
+    GraphedNewtonSchulz,
+    check_backend_name,
+    orthogonalize_grouped,
+    orthogonalizer,
+)
 from .plan import NSBucket, NSPlan, ns_flops, plan_buckets
 from .registry import NS_BACKENDS, NSBackend, available_backends, get_backend
 from .select import BackendChooser, time_call
 from .step import MuonStepRuntime
 
 __all__ = [
-    "BackendChooser", "FusedMuon", "GraphedNewtonSchulz", "MuonStepRuntime", "NSBackend", "NSBucket", "NSPlan", "NS_BACKENDS",
-    "available_backends", "get_backend", "newton_schulz_fused", "newton_schulz_triton", "ns_flops",
-    "orthogonalize_grouped", "plan_buckets", "symmetric_product", "time_call", "triton_importable",
+    "ADAPTER_BACKENDS", "AutoOrthogonalizer", "BackendChooser", "FusedMuon", "GraphedNewtonSchulz", "MuonStepRuntime", "NSBackend", "NSBucket", "NSPlan", "NS_BACKENDS",
+    "available_backends", "check_backend_name", "get_backend", "newton_schulz_fused", "newton_schulz_triton", "ns_flops",
+    "orthogonalize_grouped", "orthogonalizer", "plan_buckets", "symmetric_product", "time_call", "triton_importable",
 ]

@@ -11,8 +11,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..core.newton_schulz import NS_EPS, CoefficientSpec
+from ..core.update import orthogonalize_batched
 from .plan import NSBucket, NSPlan, plan_buckets
-from .registry import get_backend
+from .registry import NS_BACKENDS, get_backend
 from .select import BackendChooser
 
 BackendSpec = Union[str, BackendChooser]
@@ -104,3 +105,48 @@ class GraphedNewtonSchulz:
     def __call__(self) -> torch.Tensor:
         self.graph.replay()
         return self.output
+
+
+#: ``ns_backend`` values of the engine adapters besides the registry's names.
+ADAPTER_BACKENDS = ("auto", "torch")
+
+
+class AutoOrthogonalizer:
+    """The adapters' ``ns_backend="auto"``: on CUDA, :func:`orthogonalize_grouped` with one
+    :class:`BackendChooser` (each bucket shape timed once, on its first step, then cached); on any
+    other device the core's :func:`~muon_megatron.core.update.orthogonalize_batched`."""
+
+    def __init__(self, chooser: Optional[BackendChooser] = None):
+        self.chooser = chooser or BackendChooser()
+
+    def __call__(self, matrices: Sequence[torch.Tensor], *, steps: int = 5, coefficients: CoefficientSpec = "moonlight",
+                 dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+        if matrices and matrices[0].is_cuda:
+            return orthogonalize_grouped(matrices, steps=steps, coefficients=coefficients, dtype=dtype,
+                                         backend=self.chooser)
+        return orthogonalize_batched(matrices, steps=steps, coefficients=coefficients, dtype=dtype)
+
+
+def check_backend_name(name: str, option: str) -> None:
+    """ValueError naming ``option`` unless ``name`` is "auto", "torch" or a registry name."""
+    if name not in ADAPTER_BACKENDS and name not in NS_BACKENDS:
+        raise ValueError(f"{option} {name!r} is not a Newton-Schulz backend; choose one of "
+                         f"{list(ADAPTER_BACKENDS) + sorted(NS_BACKENDS)}")
+
+
+def orthogonalizer(name: str):
+    """The ``orthogonalize=`` callable of :class:`muon_megatron.Muon` and
+    :class:`muon_megatron.distributed.DistributedMuon` for an adapter's ``ns_backend`` setting:
+    None for "torch" (the core's batched torch path), an :class:`AutoOrthogonalizer` for "auto",
+    else :func:`orthogonalize_grouped` with that registry backend for every bucket."""
+    check_backend_name(name, "ns_backend")
+    if name == "torch":
+        return None
+    if name == "auto":
+        return AutoOrthogonalizer()
+
+    def fixed(matrices, *, steps=5, coefficients="moonlight", dtype=torch.bfloat16):
+        return orthogonalize_grouped(matrices, steps=steps, coefficients=coefficients, dtype=dtype, backend=name)
+
+    fixed.backend = name
+    return fixed

@@ -71,6 +71,12 @@ FLAGS: tuple[Flag, ...] = (
               help="How Muon pieces reach the rank that orthogonalises a matrix: gather = from Megatron's own "
                    "buffer layout; aligned = DDP buffers laid out so each matrix lies whole in one DP shard "
                    "(megatron-core >= 0.19, with --use-distributed-optimizer; no extra DP traffic, some padding).")),
+    Flag(("--muon-ns-backend",), "muon_ns_backend", "auto",
+         dict(type=str, metavar="NAME",
+              help="Newton-Schulz implementation: auto = on CUDA the fastest of muon_megatron.kernels' backends "
+                   "(Triton one-triangle kernel, batched torch), timed once per matrix shape; torch = the batched "
+                   "torch path; or a backend name (torch_batched, torch_baddbmm, torch_reference, "
+                   "triton_symmetric).")),
     Flag(("--muon-log-update-rms",), "muon_log_update_rms", False,
          dict(action="store_true", help="Log the RMS of the update of each param group every step.")),
     Flag(("--muon-tp-mode",), "muon_tp_mode", "distributed",
@@ -144,6 +150,7 @@ def muon_settings_from_args(args: argparse.Namespace) -> MuonSettings:
         muon_params=tuple(args.muon_params or ()),
         layout=args.muon_layout,
         log_update_rms=args.muon_log_update_rms,
+        ns_backend=getattr(args, "muon_ns_backend", "auto"),
     )
     if not _LOGGED:
         _LOGGED = True

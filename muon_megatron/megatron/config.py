@@ -14,6 +14,7 @@ import torch
 from ..core.newton_schulz import NS_COEFFICIENTS, resolve_coefficients
 from ..core.optimizer import resolve_dtype
 from ..core.update import UPDATE_SCALES
+from ..kernels.orthogonalize import check_backend_name
 
 LAYOUTS = ("gather", "aligned")
 
@@ -52,6 +53,10 @@ class MuonSettings:
     ``install()``, or by passing ``aligned_param_layout`` to DDP yourself)."""
     log_update_rms: bool = False
     """Compute and log the update RMS per param group every step (one extra all-reduce)."""
+    ns_backend: str = "auto"
+    """Newton-Schulz implementation: "auto" (on CUDA the fastest of ``muon_megatron.kernels``'
+    backends, timed once per bucket shape; elsewhere the batched torch path), "torch" (always the
+    batched torch path) or a name in ``muon_megatron.kernels.NS_BACKENDS``."""
 
     def __post_init__(self):
         if not 0.0 <= self.momentum < 1.0:
@@ -78,6 +83,7 @@ class MuonSettings:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"--muon-layout {self.layout!r}: choose one of {LAYOUTS}")
+        check_backend_name(self.ns_backend, "--muon-ns-backend")
         object.__setattr__(self, "adamw_params", tuple(self.adamw_params))
         object.__setattr__(self, "muon_params", tuple(self.muon_params))
 

@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..distributed.comm import collective_device
+from ..kernels.orthogonalize import orthogonalizer
 from .config import MuonSettings
 from .inner import MegatronMuon
 from .params import MegatronParam, describe_parameters
@@ -202,6 +204,7 @@ def _muon_inner(wrapper, config, settings, described, originals, process_group):
         adamw_eps=config.adam_eps,
         process_group=process_group,
         report_update_rms=settings.log_update_rms,
+        orthogonalize=orthogonalizer(settings.ns_backend),
         **settings.optimizer_kwargs(),
     )
     wrapper.muon_routes = {d.param: d.use_muon for d in described}
@@ -309,7 +312,7 @@ def get_muon_optimizer(
 
 
 def _any_rank_has_experts(described) -> bool:
-    flag = torch.tensor([1 if any(d.is_expert for d in described) else 0])
+    flag = torch.tensor([1 if any(d.is_expert for d in described) else 0], device=collective_device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())

@@ -36,6 +36,7 @@ import torch
 
 from ..core.routing import route_parameters
 from ..core.splits import FusedQKV, GateUp, SplitSpec, Whole
+from ..distributed.comm import collective_device
 from ..distributed.layout import ParamLayout, Rect
 from .config import MuonSettings
 
@@ -181,7 +182,7 @@ def describe_parameters(model_chunks: Sequence[torch.nn.Module], settings: MuonS
 def _check_patterns_matched(used: dict[str, int]) -> None:
     if not used:
         return
-    counts = torch.tensor(list(used.values()), dtype=torch.int64)
+    counts = torch.tensor(list(used.values()), dtype=torch.int64, device=collective_device())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     unmatched = [p for p, c in zip(used, counts.tolist()) if c == 0]

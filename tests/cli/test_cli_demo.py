@@ -31,6 +31,9 @@ def test_demo_writes_plot_and_summary_and_both_losses_fall(tmp_path, capsys):
         # frequencies, which alone bring the loss well below that.
         assert r["final_train_loss"] < r["first_train_loss"] - 0.5, name
         assert r["final_val_loss"] < r["initial_val_loss"] - 0.5, name
+        # per-step timings fit inside the run's wall time (which also holds the evaluations)
+        assert 0 < r["median_step_seconds"] and 0 < r["first_step_seconds"]
+        assert r["first_step_seconds"] + 29 * r["median_step_seconds"] < 2 * r["seconds"]
     assert summary["corpus"]["files"] > 0 and summary["corpus"]["val_bytes"] > 0
     printed = capsys.readouterr().out
     assert "muon" in printed and "adamw" in printed and "summary.json" in printed
@@ -72,3 +75,10 @@ def test_subcommand_is_required(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
     assert exit_info.value.code == 2
+
+
+def test_step_times_split_the_first_step_from_the_median_of_the_rest():
+    from muon_megatron.demo import step_times
+
+    assert step_times([9.0, 1.0, 3.0, 2.0]) == {"first_step_seconds": 9.0, "median_step_seconds": 2.0}
+    assert step_times([4.0]) == {"first_step_seconds": 4.0, "median_step_seconds": 4.0}

@@ -47,6 +47,7 @@ def _check_outputs_and_falling_losses(out: pathlib.Path, engine: str) -> dict:
         assert len(r["train_loss"]) == 20
         assert r["final_train_loss"] < r["first_train_loss"] - 0.5, name
         assert r["final_val_loss"] < r["initial_val_loss"] - 0.5, name
+        assert 0 < r["median_step_seconds"] < r["seconds"] and 0 < r["first_step_seconds"] < r["seconds"]
     return summary
 
 

@@ -33,8 +33,12 @@ def _entry(rank: int, world: int, port: int, outdir: str, names: list[str]) -> N
     import logging
 
     import deepspeed
+    import deepspeed.ops
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's CPU shared-memory all-reduce is JIT-built (minutes when the cache is cold) and
+    # leaves a 66 MiB /dev/shm buffer per rank and run behind; gloo does the collectives here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     import _scenarios
 

@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from muon_megatron.core import newton_schulz
-from muon_megatron.kernels import BackendChooser, orthogonalize_grouped, plan_buckets
+from muon_megatron.core import newton_schulz, orthogonalize_batched
+from muon_megatron.kernels import (
+    AutoOrthogonalizer,
+    BackendChooser,
+    check_backend_name,
+    orthogonalize_grouped,
+    orthogonalizer,
+    plan_buckets,
+)
+from muon_megatron.kernels.select import MIN_TIMED_FLOPS, bucket_flops
 
 
 def test_grouped_equals_each_matrix_alone_in_float64():
@@ -44,3 +52,42 @@ def test_rejects_3d_inputs_and_mismatched_plans():
         orthogonalize_grouped([torch.randn(2, 4, 8)])
     with pytest.raises(ValueError, match="plan covers"):
         orthogonalize_grouped([torch.randn(4, 8)], plan=plan_buckets([(4, 8), (4, 8)]))
+
+
+def test_bucket_flops_is_the_dense_newton_schulz_count():
+    # 5 steps of X X^T (2 m^2 n), c A A + b A (2 m^3) and B X (2 m^2 n), m the short side
+    for rows, cols in ((1408, 2048), (2048, 1408), (64, 64)):
+        m, n = min(rows, cols), max(rows, cols)
+        assert bucket_flops(3, rows, cols, 5) == 3 * 5 * (2 * m * m * n + 2 * m ** 3 + 2 * m * m * n)
+
+
+def test_chooser_does_not_time_launch_bound_buckets_on_cuda(monkeypatch):
+    import muon_megatron.kernels.select as select
+
+    monkeypatch.setattr(select, "available_backends", lambda device, dtype: ["torch_batched", "triton_symmetric"])
+    timed = []
+    monkeypatch.setattr(select, "time_call", lambda fn, **kw: timed.append(fn) or 1.0)
+    chooser = BackendChooser()
+    # 4 x (576 x 2048): 0.2 TFLOP per call, below MIN_TIMED_FLOPS: no tensor made, nothing timed
+    assert bucket_flops(4, 576, 2048, 5) < MIN_TIMED_FLOPS
+    assert chooser.choose(4, 576, 2048, device="cuda") == "torch_batched"
+    assert timed == [] and chooser.timings == {}
+    # a lower threshold would time it (and allocate on the GPU, which this machine may lack)
+    assert BackendChooser(min_timed_flops=0).min_timed_flops == 0
+
+
+def test_adapter_orthogonalizers():
+    assert orthogonalizer("torch") is None
+    auto = orthogonalizer("auto")
+    assert isinstance(auto, AutoOrthogonalizer)
+    mats = [torch.randn(24, 40) for _ in range(3)]
+    # off CUDA "auto" is the core's batched path, bit for bit
+    for got, want in zip(auto(mats, dtype=torch.float32), orthogonalize_batched(mats, dtype=torch.float32)):
+        assert torch.equal(got, want)
+    fixed = orthogonalizer("torch_reference")
+    for M, got in zip(mats, fixed(mats, steps=5, coefficients="moonlight", dtype=torch.float64)):
+        assert torch.allclose(got, newton_schulz(M.double(), dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="ns_backend 'cublas'.*triton_symmetric"):
+        orthogonalizer("cublas")
+    with pytest.raises(ValueError, match="--muon-ns-backend 'x'"):
+        check_backend_name("x", "--muon-ns-backend")
