@@ -95,6 +95,8 @@ def _parity(rank, world, stage, *, gas=1, clip=1.0, extra=None):
         "holders": _holders(engine.basic_optimizer),
         "wrapper": engine.basic_optimizer.bound_to,
         "losses": losses,
+        # every inner optimizer runs Newton-Schulz through the configured ns_backend ("auto")
+        "ns_backends": sorted({type(inner.orthogonalize).__name__ for inner in engine.basic_optimizer.inner_optimizers()}),
     }
 
 

@@ -51,7 +51,8 @@ def test_unknown_key_lists_valid_keys():
 
 @pytest.mark.parametrize("params, needle", [({"momentum": 1.0}, "momentum"), ({"ns_dtype": "int8"}, "ns_dtype"),
                                             ({"update_scale": "huge"}, "update_scale"),
-                                            ({"adamw_betas": [0.9]}, "adamw_betas")])
+                                            ({"adamw_betas": [0.9]}, "adamw_betas"),
+                                            ({"ns_backend": "cublas"}, "ns_backend 'cublas'.*triton_symmetric")])
 def test_bad_values_name_the_parameter(params, needle):
     with pytest.raises(ValueError, match=needle):
         MuonConfig.from_params(params)
@@ -114,3 +115,17 @@ def test_universal_conversion_of_a_folder_without_zero_files_says_what_it_needs(
 
     with pytest.raises(FileNotFoundError, match="optim_states"):
         convert_to_universal(str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["auto", "torch", "torch_reference"])
+def test_ns_backend_selects_the_newton_schulz_implementation(name):
+    from muon_megatron.kernels import AutoOrthogonalizer
+
+    config = MuonConfig.from_params({"ns_backend": name})
+    opt = DeepSpeedMuon(mmds.build_param_groups(make_model(), config), config)
+    if name == "auto":
+        assert isinstance(opt._orthogonalize, AutoOrthogonalizer)
+    elif name == "torch":
+        assert opt._orthogonalize is None  # DistributedMuon's default, the core's batched path
+    else:
+        assert opt._orthogonalize.backend == name

@@ -88,6 +88,7 @@ def test_weights_equal_single_process_reference(world, name):
 def test_each_matrix_orthogonalised_once_per_optimizer_step(world, name):
     _, per_rank = _results(world, name)
     assert per_rank[0]["ns_matrices"] == STEPS * len(MUON_MATRICES)
+    assert per_rank[0]["ns_backends"] == ["AutoOrthogonalizer"]
 
 
 def test_zero1_matrices_straddle_partitions_at_dp4(world):

@@ -57,6 +57,9 @@ def test_our_flags_parse(make):
     s = muon_settings_from_args(args)
     assert (s.nesterov, s.ns_dtype, s.update_scale, s.split_fc1) == (False, "float32", "keller", False)
     assert s.adamw_params == ("*router*", "*linear_proj*") and s.ns_coefficients == "polar_express"
+    assert s.ns_backend == "auto"
+    s = muon_settings_from_args(make().parse_args(["--muon-ns-backend", "triton_symmetric"]))
+    assert s.ns_backend == "triton_symmetric"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +71,7 @@ def test_our_flags_parse(make):
         (["--muon-extra-scale-factor", "2"], "--muon-extra-scale-factor"),
         (["--muon-tp-mode", "blockwise"], "--muon-tp-mode"),
         (["--muon-scale-mode", "unit_rms_norm"], "--muon-scale-mode"),
+        (["--muon-ns-backend", "cublas"], "--muon-ns-backend"),
     ],
 )
 def test_bad_values_name_the_flag(argv, flag):
