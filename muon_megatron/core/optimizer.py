@@ -31,7 +31,6 @@ from .update import (
     check_update_scale,
     momentum_,
     orthogonalize_batched,
-    scaled_update,
     update_scale,
 )
 
@@ -305,14 +304,14 @@ class Muon(torch.optim.Optimizer):
                     steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=group["ns_dtype"],
                 )
                 for (p, mat), O in zip(chunk, outputs):
-                    update = scaled_update(O, scale)
+                    # W -= (lr * scale) * O, block by block: one kernel, the NS output read once
+                    # (DistributedMuon applies the same expression, so both agree bit for bit)
                     view = p.view(inputs[id(p)].shape)
                     for b in mat.blocks:
                         view[b.src_row : b.src_row + b.rows, b.src_col : b.src_col + b.cols].add_(
-                            update[b.dst_row : b.dst_row + b.rows, b.dst_col : b.dst_col + b.cols].to(p.dtype),
-                            alpha=-lr,
+                            O[b.dst_row : b.dst_row + b.rows, b.dst_col : b.dst_col + b.cols], alpha=-lr * scale,
                         )
                     if self.report_update_rms:
-                        sq += float(update.square().sum()) * lr**2
+                        sq += float(O.float().square().sum()) * (lr * scale) ** 2
                     count += O.numel()
         return sq, count

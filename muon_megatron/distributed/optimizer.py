@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
 from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, validate_hyperparameters
-from ..core.update import apply_update_, momentum_, update_scale
+from ..core.update import update_scale
 from .comm import collective_device
 from .layout import MatrixHolding, ParamLayout, PieceRect, holdings, view_rects
 from .plan import Plan, PlanError, make_plan
@@ -203,36 +203,34 @@ class DistributedMuon(torch.optim.Optimizer):
         if not self._all_finite():
             return loss
         slots = list(self._slots())
-        inputs = []
-        for group, p, layout, offset in slots:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            buf = state["momentum_buffer"].view(-1).narrow(0, offset, layout.numel)
-            grad = p.grad.reshape(-1).narrow(0, offset, layout.numel)
-            inputs.append(momentum_(buf, grad, group["momentum"], group["nesterov"]))
-        updates = [torch.empty(layout.numel, dtype=torch.float32, device=p.device) for _, p, layout, _ in slots]
+        inputs = self._momentum_inputs(slots)
+        pieces = [p.view(-1).narrow(0, offset, layout.numel) for _, p, layout, offset in slots]
+        sums: dict[int, list] = {}
+        index = {id(g): i for i, g in enumerate(self.param_groups)}
 
-        def deliver(slot: int, holding: MatrixHolding, data: torch.Tensor) -> None:
-            scale = update_scale(slots[slot][0]["update_scale"], *holding.shape)
-            pos = 0
-            for r in holding.rects:
-                rect_view(updates[slot], r).copy_(data[pos : pos + r.numel].view(r.rows, r.cols).float().mul_(scale))
-                pos += r.numel
+        def deliver(slot: int, holding: MatrixHolding, regions: Sequence[torch.Tensor]) -> None:
+            # param -= lr * scale * O, region by region straight from the Newton-Schulz output
+            group = slots[slot][0]
+            alpha = group["lr"] * update_scale(group["update_scale"], *holding.shape)
+            for r, src in zip(holding.rects, regions):
+                rect_view(pieces[slot], r).add_(src, alpha=-alpha)
+                if self.report_update_rms:
+                    acc = sums.setdefault(index[id(group)], [0.0, 0])
+                    acc[0] += float(src.float().square().sum()) * alpha ** 2
+                    acc[1] += r.numel
 
+        # Decoupled weight decay first (the Newton-Schulz inputs are momenta, not weights), one
+        # multi-tensor call per (lr, wd); each holding's region then gets its step as it arrives.
+        decay: dict[float, list] = {}
+        for (group, _, _, _), piece in zip(slots, pieces):
+            if group["weight_decay"]:
+                decay.setdefault(1.0 - group["lr"] * group["weight_decay"], []).append(piece)
+        for factor, tensors in decay.items():
+            torch._foreach_mul_(tensors, factor)
         self.exchange.run(
             inputs, deliver, steps=self.ns["ns_steps"], coefficients=self.ns["ns_coefficients"], dtype=self.ns["ns_dtype"],
             orthogonalize=self.orthogonalize, max_batch=self.max_batch,
         )
-        sums: dict[int, list] = {}
-        index = {id(g): i for i, g in enumerate(self.param_groups)}
-        for (group, p, layout, offset), update in zip(slots, updates):
-            piece = p.view(-1).narrow(0, offset, layout.numel)
-            apply_update_(piece, update, lr=group["lr"], weight_decay=group["weight_decay"])
-            if self.report_update_rms:
-                acc = sums.setdefault(index[id(group)], [0.0, 0])
-                acc[0] += float(update.square().sum()) * group["lr"] ** 2
-                acc[1] += update.numel()
         for gi, group in enumerate(self.param_groups):
             if not group["use_muon"]:
                 sq, count = adamw_group_step_(group, self.state, report_rms=self.report_update_rms)
@@ -243,6 +241,28 @@ class DistributedMuon(torch.optim.Optimizer):
             self.last_update_rms = self._reduce_rms(sums)
             logger.info("update RMS per group: %s", {k: f"{v:.3e}" for k, v in self.last_update_rms.items()})
         return loss
+
+    def _momentum_inputs(self, slots: list) -> list[torch.Tensor]:
+        """Advance every slot's momentum piece and return the Newton-Schulz inputs, in slot order:
+        :func:`muon_megatron.core.update.momentum_` element for element, as multi-tensor calls
+        (one set per (momentum, nesterov) pair) instead of three kernels per piece."""
+        inputs: list[Optional[torch.Tensor]] = [None] * len(slots)
+        by_hyper: dict[tuple, list] = {}
+        for k, (group, p, layout, offset) in enumerate(slots):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            buf = state["momentum_buffer"].view(-1).narrow(0, offset, layout.numel)
+            grad = p.grad.reshape(-1).narrow(0, offset, layout.numel)
+            by_hyper.setdefault((group["momentum"], group["nesterov"]), []).append((k, buf, grad))
+        for (mu, nesterov), items in by_hyper.items():
+            ks, bufs, grads = zip(*items)
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            outs = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
+            for k, out in zip(ks, outs):
+                inputs[k] = out
+        return inputs  # type: ignore[return-value]
 
     def _reduce_rms(self, sums: dict[int, list]) -> dict[int, float]:
         n = len(self.param_groups)

@@ -46,6 +46,15 @@ def place(matrix: torch.Tensor, holding: MatrixHolding, data: torch.Tensor) -> N
         pos += r.numel
 
 
+def regions(data: torch.Tensor, holding: MatrixHolding) -> list[torch.Tensor]:
+    """Packed ``data`` of ``holding`` as one ``rows x cols`` view per rect (in ``holding.rects`` order)."""
+    out, pos = [], 0
+    for r in holding.rects:
+        out.append(data[pos : pos + r.numel].view(r.rows, r.cols))
+        pos += r.numel
+    return out
+
+
 def extract(matrix: torch.Tensor, holding: MatrixHolding, out: torch.Tensor) -> None:
     """Copy the holding's regions of the full ``matrix`` into the flat ``out``."""
     pos = 0
@@ -143,7 +152,7 @@ class MuonExchange:
     def run(
         self,
         inputs: Sequence[torch.Tensor],
-        deliver: Callable[[int, MatrixHolding, torch.Tensor], None],
+        deliver: Callable[[int, MatrixHolding, Sequence[torch.Tensor]], None],
         *,
         steps: int = 5,
         coefficients: CoefficientSpec = "moonlight",
@@ -152,8 +161,9 @@ class MuonExchange:
         max_batch: int = 128,
     ) -> None:
         """One exchange. ``inputs[slot]``: this rank's flat NS input for each piece (any float
-        dtype). ``deliver(slot, holding, O)`` is called once per holding of this rank with the
-        packed result (``dtype``, rect by rect as in ``holding.rects``). ``orthogonalize``: the
+        dtype). ``deliver(slot, holding, regions)`` is called once per holding of this rank with
+        its part of the result: one ``rows x cols`` tensor (``dtype``) per rect of
+        ``holding.rects``, in that order (views: valid during the call). ``orthogonalize``: the
         Newton-Schulz backend for a list of same-shape matrices (default
         :func:`muon_megatron.core.update.orthogonalize_batched`), at most ``max_batch`` per call."""
         backend = orthogonalize or orthogonalize_batched
@@ -165,11 +175,9 @@ class MuonExchange:
         work = self._exchange(send, recv, self.send_gather_sizes, self.recv_gather_sizes)
 
         full = {i: torch.empty(self.plan.matrices[i].shape, dtype=dtype, device=device) for i in self.owned}
-        scratch = {}
-        for i, h in self.local_sources:
-            data = scratch.setdefault(h.numel, torch.empty(h.numel, dtype=dtype, device=device))[: h.numel]
-            pack(inputs[h.slot], h, data)
-            place(full[i], h, data)
+        for i, h in self.local_sources:  # this rank's own pieces: one copy per region, no packing
+            for r in h.rects:
+                full[i][r.row : r.row + r.rows, r.col : r.col + r.cols].copy_(rect_view(inputs[h.slot], r))
         results: dict[int, torch.Tensor] = {}
         self.orthogonalized = []
 
@@ -207,11 +215,10 @@ class MuonExchange:
             extract(results[route.matrix], route.holding, send[route.start : route.start + route.holding.numel])
         recv = torch.empty(self.recv_return_total, dtype=dtype, device=device)
         work = self._exchange(send, recv, self.send_return_sizes, self.recv_return_sizes)
-        for i, h in self.local_returns:
-            data = torch.empty(h.numel, dtype=dtype, device=device)
-            extract(results[i], h, data)
-            deliver(h.slot, h, data)
+        for i, h in self.local_returns:  # straight from the result, no packing
+            deliver(h.slot, h, [results[i][r.row : r.row + r.rows, r.col : r.col + r.cols] for r in h.rects])
         if work is not None:
             work.wait()
         for _, route in self.recv_return:
-            deliver(route.holding.slot, route.holding, recv[route.start : route.start + route.holding.numel])
+            deliver(route.holding.slot, route.holding, regions(recv[route.start : route.start + route.holding.numel],
+                                                              route.holding))
