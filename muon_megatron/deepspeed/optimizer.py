@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.optimizer import resolve_dtype
+from ..core.optimizer import finite_flags, resolve_dtype
 from ..distributed import DistributedMuon, ParamLayout
 from ..distributed.comm import collective_device
 from ..kernels.orthogonalize import orthogonalizer
@@ -163,8 +163,8 @@ class DeepSpeedMuon(torch.optim.Optimizer):
                 private[key] = value
 
     def _all_finite(self, groups: Sequence[dict]) -> bool:
-        flags = [torch.isfinite(p.grad).all() for g in groups for p in g["params"] if p.grad is not None]
-        ok = torch.tensor([0.0 if (not flags or bool(torch.stack(flags).all())) else 1.0], device=collective_device())
+        flags = finite_flags([p.grad for g in groups for p in g["params"] if p.grad is not None])
+        ok = torch.tensor([0.0 if all(flags) else 1.0], device=collective_device())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MAX)
         return ok.item() == 0.0

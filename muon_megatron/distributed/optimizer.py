@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
-from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, validate_hyperparameters
+from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, finite_flags, validate_hyperparameters
 from ..core.update import update_scale
 from .comm import collective_device
 from .layout import MatrixHolding, ParamLayout, PieceRect, holdings, view_rects
@@ -166,7 +166,7 @@ class DistributedMuon(torch.optim.Optimizer):
 
     def _all_finite(self) -> bool:
         """True when every gradient on every rank is finite (one small all-reduce)."""
-        flags, where = [], []
+        grads, where = [], []
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is None and group["use_muon"]:
@@ -175,10 +175,10 @@ class DistributedMuon(torch.optim.Optimizer):
                         "pieces need one (a zero gradient is fine)"
                     )
                 if p.grad is not None:
-                    flags.append(torch.isfinite(p.grad).all())
+                    grads.append(p.grad)
                     name = group.get("names", [None] * (i + 1))[i]
                     where.append(f"tensor {i} of group {gi}" + (f" ({name})" if name else ""))
-        local = torch.stack(flags).tolist() if flags else []
+        local = finite_flags(grads)
         ok = all(local)
         if self.distributed and self.world_size > 1:
             flag = torch.tensor([0.0 if ok else 1.0], device=collective_device(self.group))

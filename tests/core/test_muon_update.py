@@ -8,6 +8,7 @@ import torch
 
 import core_reference as ref
 from muon_megatron import ExpertStack, FusedQKV, GateUp, Muon, Whole
+from muon_megatron.core.optimizer import finite_flags
 
 STEPS = 4
 LR = 1e-2
@@ -147,3 +148,16 @@ def test_named_update_scale_multiplies_the_orthogonalised_step(name, expected):
     Muon([W], lr=LR, weight_decay=0.0, ns_dtype=torch.float32, update_scale=name).step()
     expected_step = -LR * expected * ref.ns5_float64(grad * 1.95)
     assert ref.rel_err(W.detach() - W0, expected_step) <= FLOAT32_REL
+
+
+def test_finite_flags_per_tensor_in_order_without_overflow():
+    tensors = [
+        torch.randn(4, 3),
+        torch.tensor([1.0, float("nan")]),
+        torch.full((5,), 3e38),  # finite, though its 2-norm overflows float32
+        torch.tensor([-float("inf"), 0.0], dtype=torch.bfloat16),
+        torch.randn(2, 2, dtype=torch.bfloat16),
+        torch.tensor([float("inf")], dtype=torch.float64),
+    ]
+    assert finite_flags(tensors) == [True, False, True, False, True, False]
+    assert finite_flags([]) == [] and finite_flags([torch.zeros(0)]) == [True]

@@ -182,3 +182,4 @@ def test_state_dict_carries_no_layouts_loads_weights_only_and_keeps_current_layo
     assert other.param_groups[0]["layouts"] == [[(layout, 0)]]
     assert torch.equal(other.state[other.param_groups[0]["params"][0]]["momentum_buffer"],
                        opt.state[w]["momentum_buffer"])
+
