@@ -198,6 +198,23 @@ def step_times(durations: list[float]) -> dict:
             "median_step_seconds": rest[len(rest) // 2] if rest else float("nan")}
 
 
+def run_result(name: str, train_curve: list, val_curve: list, seconds: float, durations: list[float]) -> dict:
+    """One optimizer's entry of ``summary.json``: start and end losses (the training loss averaged
+    over the last tenth of the steps), wall time, step times and both curves."""
+    tail = [loss for _, loss in train_curve[-max(1, len(train_curve) // 10):]]
+    return {
+        "optimizer": name,
+        "initial_val_loss": val_curve[0][1],
+        "final_val_loss": val_curve[-1][1],
+        "first_train_loss": train_curve[0][1],
+        "final_train_loss": sum(tail) / len(tail),
+        "seconds": seconds,
+        **step_times(durations),
+        "train_loss": train_curve,
+        "val_loss": val_curve,
+    }
+
+
 def train_one(name: str, args, cfg: ModelConfig, train, val_batches, device, progress) -> dict:
     torch.manual_seed(args.seed)  # same initial weights for every optimizer
     model = ByteLM(cfg).to(device)
@@ -222,19 +239,7 @@ def train_one(name: str, args, cfg: ModelConfig, train, val_batches, device, pro
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val_curve.append((step + 1, evaluate(model, val_batches)))
             bar.set_postfix(loss=f"{train_curve[-1][1]:.3f}", val=f"{val_curve[-1][1]:.3f}")
-    seconds = time.perf_counter() - start
-    tail = [loss for _, loss in train_curve[-max(1, args.steps // 10):]]
-    return {
-        "optimizer": name,
-        "initial_val_loss": val_curve[0][1],
-        "final_val_loss": val_curve[-1][1],
-        "first_train_loss": train_curve[0][1],
-        "final_train_loss": sum(tail) / len(tail),
-        "seconds": seconds,
-        **step_times(durations),
-        "train_loss": train_curve,
-        "val_loss": val_curve,
-    }
+    return run_result(name, train_curve, val_curve, time.perf_counter() - start, durations)
 
 
 def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
@@ -351,14 +356,21 @@ def run(args) -> int:
     progress = (lambda it, **kw: _Quiet(it)) if args.no_progress else (lambda it, **kw: tqdm(it, **kw))
     results = [train_one(name, args, cfg, train, val_batches, device, progress) for name in names]
 
+    return report(results, args, out, f"byte-level LM on the Python stdlib: {n_params / 1e6:.2f} M params, "
+                  f"{args.steps} steps", engine="torch", reason="byte-lm runs in plain torch",
+                  model={"name": "byte-lm"} | asdict(cfg) | {"parameters": n_params}, corpus=corpus, device=device)
+
+
+def report(results: list[dict], args, out: pathlib.Path, title: str, *, engine: str, reason: str, model: dict,
+           corpus: dict, device: torch.device) -> int:
+    """Print the table, write ``loss.png`` and ``summary.json`` to ``out``; the exit status."""
     _print_table(results)
-    plot(results, out / "loss.png",
-         f"byte-level LM on the Python stdlib: {n_params / 1e6:.2f} M params, {args.steps} steps")
+    plot(results, out / "loss.png", title)
     summary = {
         "config": _config_of(args),
-        "engine": "torch",
-        "engine_reason": "byte-lm runs in plain torch",
-        "model": {"name": "byte-lm"} | asdict(cfg) | {"parameters": n_params},
+        "engine": engine,
+        "engine_reason": reason,
+        "model": model,
         "corpus": corpus,
         "device": str(device),
         "torch": torch.__version__,
@@ -413,24 +425,10 @@ def run_engine(args, names: list[str], tqdm) -> int:
     progress = (lambda it, **kw: _Quiet(it)) if args.no_progress else (lambda it, **kw: tqdm(it, **kw))
     results = [demo_engines.train_one(name, engine, spec, args, train, val_batches, device, progress)
                for name in names]
-    _print_table(results)
-    plot(results, out / "loss.png",
-         f"{spec.name} via {engine}, Python stdlib: {n_params / 1e6:.2f} M params, {args.steps} steps")
-    summary = {
-        "config": _config_of(args),
-        "engine": engine,
-        "engine_reason": reason,
-        "model": {"name": spec.name, "parameters": n_params, "layers": spec.num_layers, "hidden": spec.hidden,
-                  "experts": spec.moe.num_experts if spec.moe else 0, "seq_len": args.seq_len},
-        "corpus": corpus,
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "results": results,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}")
-    return 0
+    model = {"name": spec.name, "parameters": n_params, "layers": spec.num_layers, "hidden": spec.hidden,
+             "experts": spec.moe.num_experts if spec.moe else 0, "seq_len": args.seq_len}
+    return report(results, args, out, f"{spec.name} via {engine}, Python stdlib: {n_params / 1e6:.2f} M params, "
+                  f"{args.steps} steps", engine=engine, reason=reason, model=model, corpus=corpus, device=device)
 
 
 def _print_table(results: list[dict]) -> None:

@@ -268,7 +268,7 @@ RUNNERS = {"torch": TorchRunner, "deepspeed": DeepSpeedRunner, "megatron": Megat
 
 def train_one(name: str, engine: str, spec, args, train, val_batches, device, progress) -> dict:
     """Train one model with optimizer ``name`` on ``engine``; the curves as the byte-level demo's."""
-    from .demo import lr_factor, sample_batch, step_times
+    from .demo import lr_factor, run_result, sample_batch
 
     runner = RUNNERS[engine](name, spec, args, device)
     warmup = max(1, int(args.steps * args.warmup))
@@ -288,20 +288,7 @@ def train_one(name: str, engine: str, spec, args, train, val_batches, device, pr
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val_curve.append((step + 1, runner.evaluate(val_batches)))
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_curve[-1][1]:.3f}")
-    seconds = time.perf_counter() - start
-    tail = [loss for _, loss in train_curve[-max(1, args.steps // 10):]]
-    return {
-        "optimizer": name,
-        "engine": engine,
-        "initial_val_loss": val_curve[0][1],
-        "final_val_loss": val_curve[-1][1],
-        "first_train_loss": train_curve[0][1],
-        "final_train_loss": sum(tail) / len(tail),
-        "seconds": seconds,
-        **step_times(durations),
-        "train_loss": train_curve,
-        "val_loss": val_curve,
-    }
+    return run_result(name, train_curve, val_curve, time.perf_counter() - start, durations) | {"engine": engine}
 
 
 def model_spec(args):

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..core.optimizer import finite_flags, resolve_dtype
 from ..distributed import DistributedMuon, ParamLayout
-from ..distributed.comm import collective_device
+from ..distributed.comm import any_rank
 from ..kernels.orthogonalize import orthogonalizer
 from .config import MuonConfig
 
@@ -164,10 +163,7 @@ class DeepSpeedMuon(torch.optim.Optimizer):
 
     def _all_finite(self, groups: Sequence[dict]) -> bool:
         flags = finite_flags([p.grad for g in groups for p in g["params"] if p.grad is not None])
-        ok = torch.tensor([0.0 if all(flags) else 1.0], device=collective_device())
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MAX)
-        return ok.item() == 0.0
+        return not any_rank(not all(flags))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -6,7 +6,7 @@ logical matrix lives), :mod:`.plan` (pure planner: owners balanced by NS FLOPs, 
 Process groups are always passed in explicitly. Imports torch and ``muon_megatron.core`` only.
 """
 
-from .comm import collective_device
+from .comm import any_rank, collective_device
 from .layout import (
     AlignedLayout,
     AlignItem,
@@ -25,7 +25,7 @@ from .plan import MatrixPlan, Plan, PlanError, make_plan, ns_flops
 from .runtime import MuonExchange
 
 __all__ = [
-    "AlignItem", "AlignedLayout", "DistributedMuon", "MatrixHolding", "MatrixPlan", "MuonExchange", "ParamLayout",
+    "AlignItem", "AlignedLayout", "any_rank", "DistributedMuon", "MatrixHolding", "MatrixPlan", "MuonExchange", "ParamLayout",
     "ParamSpec", "PieceRect", "Plan", "PlanError", "aligned_layout", "collective_device", "bucketed_layouts", "flat_layouts", "holdings",
     "make_plan", "matrix_name", "ns_flops",
 ]

@@ -49,3 +49,14 @@ def collective_device(group=None) -> torch.device:
         f"process group backend {dist.get_backend(group)!r} takes tensors on {sorted(devices)}, none of them usable "
         "here; use gloo for CPU runs, NCCL with CUDA"
     )
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True when ``flag`` is true on any rank of ``group`` (one MAX all-reduce of one element on
+    :func:`collective_device`); ``flag`` itself without an initialised process group. A
+    collective: every rank of ``group`` must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0.0

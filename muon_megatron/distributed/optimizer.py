@@ -23,10 +23,10 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.newton_schulz import CoefficientSpec, resolve_coefficients
+from ..core.newton_schulz import CoefficientSpec
 from ..core.optimizer import NonFiniteGradientError, adamw_group_step_, finite_flags, validate_hyperparameters
 from ..core.update import update_scale
-from .comm import collective_device
+from .comm import any_rank, collective_device
 from .layout import MatrixHolding, ParamLayout, PieceRect, holdings, view_rects
 from .plan import Plan, PlanError, make_plan
 from .runtime import MuonExchange, rect_view
@@ -181,9 +181,7 @@ class DistributedMuon(torch.optim.Optimizer):
         local = finite_flags(grads)
         ok = all(local)
         if self.distributed and self.world_size > 1:
-            flag = torch.tensor([0.0 if ok else 1.0], device=collective_device(self.group))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            ok = flag.item() == 0.0
+            ok = not any_rank(not ok, self.group)
         if ok:
             return True
         bad = [w for w, f in zip(where, local) if not f]

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..distributed.comm import collective_device
+from ..distributed.comm import any_rank
 from ..kernels.orthogonalize import orthogonalizer
 from .config import MuonSettings
 from .inner import MegatronMuon
@@ -312,7 +312,4 @@ def get_muon_optimizer(
 
 
 def _any_rank_has_experts(described) -> bool:
-    flag = torch.tensor([1 if any(d.is_expert for d in described) else 0], device=collective_device())
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(any(d.is_expert for d in described))

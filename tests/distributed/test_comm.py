@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from muon_megatron.distributed import collective_device
+from muon_megatron.distributed import any_rank, collective_device
 from muon_megatron.distributed import comm
 
 
@@ -61,3 +61,13 @@ def test_falls_back_to_the_backend_name(gloo_world, monkeypatch, name, want):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert collective_device().type == want
     assert comm._backend_devices(None) is None
+
+
+def test_any_rank_without_a_group_is_the_flag_itself():
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    assert any_rank(True) is True and any_rank(False) is False
+
+
+def test_any_rank_reduces_over_the_group(gloo_world):
+    assert any_rank(True) is True and any_rank(False) is False
