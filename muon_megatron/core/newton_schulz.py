@@ -11,7 +11,7 @@ steps repeats its last triple (which is how per-step schedules such as Polar Exp
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -91,6 +91,52 @@ def resolve_coefficients(coefficients: CoefficientSpec, steps: int) -> Coefficie
     return tuple(table[min(i, len(table) - 1)] for i in range(steps))
 
 
+def _quintic_iteration(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """The reference form of one iteration: ``M = X X^T; X = a X + (b M + c M M) X``."""
+    M = X @ X.mT
+    B = b * M + c * (M @ M)
+    return a * X + B @ X
+
+
+def iterate_newton_schulz(
+    G: torch.Tensor,
+    steps: int,
+    coefficients: CoefficientSpec,
+    dtype: torch.dtype,
+    eps: float,
+    iteration: Callable[[torch.Tensor, float, float, float], torch.Tensor],
+    *,
+    batched: bool = False,
+) -> torch.Tensor:
+    """The frame every Newton-Schulz backend shares: cast ``G`` to ``dtype``, orient it wide
+    (transpose tall matrices so the Gram matrix is the small side), divide each matrix by its
+    Frobenius norm (+``eps``), apply ``iteration(X, a, b, c)`` once per step of
+    :func:`resolve_coefficients`, undo the orientation; a new contiguous tensor of ``G``'s shape.
+
+    ``batched``: hand ``iteration`` a contiguous, row-major ``(batch, m, n)`` tensor (for ``bmm``
+    and kernel backends); otherwise ``X`` keeps ``G``'s batch dims and may be a transposed view."""
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    abc = resolve_coefficients(coefficients, steps)
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    norm = X.norm(dim=(-2, -1), keepdim=True) + eps
+    batch_shape = X.shape[:-2]
+    if batched:  # one pass that normalises and lays the wide matrices out row-major
+        out = torch.empty(X.shape, dtype=dtype, device=X.device)
+        X = torch.div(X, norm, out=out).reshape(-1, X.size(-2), X.size(-1))
+    else:
+        X = X / norm
+    for a, b, c in abc:
+        X = iteration(X, a, b, c)
+    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
+    if tall:
+        X = X.mT
+    return X.contiguous()
+
+
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
@@ -106,18 +152,4 @@ def newton_schulz(
     Promise: equal, within ``dtype`` rounding, to Moonlight's reference ``zeropower_via_newtonschulz5``
     applied to each matrix on its own.
     """
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
-    abc = resolve_coefficients(coefficients, steps)
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for a, b, c in abc:
-        M = X @ X.mT
-        B = b * M + c * (M @ M)
-        X = a * X + B @ X
-    if tall:
-        X = X.mT
-    return X.contiguous()
+    return iterate_newton_schulz(G, steps, coefficients, dtype, eps, _quintic_iteration)

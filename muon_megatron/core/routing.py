@@ -84,8 +84,8 @@ def muon_param_groups(
 
     Embedding modules and a module named like an output head go to AdamW, every other matrix to
     Muon (one group per split spec), 1-D tensors to AdamW. ``splits`` maps name patterns to the
-    :class:`SplitSpec` of matching parameters (first match wins); a pattern matching nothing, or
-    matching an AdamW parameter, is a ValueError. Groups carry ``names`` for messages.
+    :class:`SplitSpec` of matching parameters; a pattern matching nothing, patterns giving one
+    parameter different specs, or a pattern matching an AdamW parameter, is a ValueError. Groups carry ``names`` for messages.
     """
     splits = dict(splits or {})
     heads = [
@@ -102,11 +102,14 @@ def muon_param_groups(
     for name, p in named:
         if name not in routes:
             continue
-        spec = None
-        for pattern, candidate in splits.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                spec, _ = candidate, used.add(pattern)
-                break
+        matching = [pattern for pattern in splits if fnmatch.fnmatchcase(name, pattern)]
+        used.update(matching)
+        if len({splits[pattern] for pattern in matching}) > 1:
+            raise ValueError(
+                f"split patterns {matching} all match {name!r} but give different split specs; make them "
+                "disjoint (or give the same spec)"
+            )
+        spec = splits[matching[0]] if matching else None
         if not routes[name]:
             if spec is not None:
                 raise ValueError(f"split for {name!r} given, but {name!r} is routed to AdamW")

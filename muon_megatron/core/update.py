@@ -5,15 +5,20 @@
     O   <- NS5(G')
     W   <- W * (1 - lr * wd) - lr * scale(A, B) * O
 
-Each function here takes plain tensors; those ending in ``_`` say which argument they mutate.
-The element-wise parts (momentum, apply) act on any piece of a matrix, so the distributed
-runtime calls the same functions on local shards; only ``newton_schulz`` needs whole matrices.
+The update exists here once, in list form, and every path calls it: :func:`momentum_` (the
+momentum and the Newton-Schulz input), :func:`newton_schulz` on whole matrices (batched by shape:
+:func:`orthogonalize_batched`), then :func:`decay_` and :func:`apply_orthogonal_` (decoupled weight
+decay, and the scaled step straight from the Newton-Schulz output). The core ``Muon``, the
+distributed engine behind both engine adapters, and the GPU step runtime's torch path use these
+functions; its Triton element-wise kernels are a backend of the same two stages, checked against
+them by test. Functions ending in ``_`` mutate the tensors they say; the element-wise ones act on
+any piece of a matrix, so the distributed runtime calls them on local shards.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -33,7 +38,7 @@ UPDATE_SCALES: dict[str, Callable[[int, int], float]] = {
 
 def check_update_scale(name: str) -> str:
     """Return ``name`` if it names an update scale; else ValueError listing the valid names."""
-    if name not in UPDATE_SCALES:
+    if not isinstance(name, str) or name not in UPDATE_SCALES:
         raise ValueError(f"unknown update_scale {name!r}; valid names: {sorted(UPDATE_SCALES)}")
     return name
 
@@ -43,28 +48,54 @@ def update_scale(name: str, rows: int, cols: int) -> float:
     return UPDATE_SCALES[check_update_scale(name)](rows, cols)
 
 
-def momentum_(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
-    """Advance ``buf`` in place (``buf = mu * buf + grad``) and return the Newton-Schulz input.
+def group_by_shape(shapes: Iterable[Sequence[int]]) -> dict[tuple, list[int]]:
+    """Positions of equal shapes: ``{shape: [indices]}``, shapes in first-appearance order and
+    indices ascending. The one grouping rule behind every batched Newton-Schulz call (the core
+    optimizer's buckets, the distributed plan's, the GPU step's)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(int(s) for s in shape), []).append(i)
+    return groups
 
-    The input is a new tensor with Nesterov (``grad + mu * buf``) and ``buf`` itself without;
-    ``grad`` is never modified. Shapes must match; works on any piece of a matrix.
+
+def momentum_(
+    bufs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, momentum: float, nesterov: bool
+) -> list[torch.Tensor]:
+    """Advance every momentum buffer in place (``buf = mu * buf + g``) and return the Newton-Schulz
+    inputs: new tensors ``g + mu * buf`` with Nesterov, the buffers themselves without.
+
+    Lists of equal-shaped pairs (any pieces of matrices: element-wise); ``grads`` are never
+    modified. Multi-tensor calls, so one launch per operation on a GPU, not per tensor.
     """
-    buf.mul_(momentum).add_(grad)
-    return grad.add(buf, alpha=momentum) if nesterov else buf
+    bufs, grads = list(bufs), list(grads)
+    if not bufs:
+        return []
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    return list(torch._foreach_add(grads, bufs, alpha=momentum)) if nesterov else bufs
 
 
-def scaled_update(orthogonal: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * O`` in float32 (a new tensor): the step direction before ``lr``."""
-    return orthogonal.float().mul_(scale)
+def decay_(params: Sequence[torch.Tensor], *, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay in place: ``W *= 1 - lr * wd`` on every tensor (nothing when wd is 0).
+    It comes first: ``W <- W (1 - lr wd) - lr scale O`` (paper eq. 4)."""
+    params = list(params)
+    if weight_decay and params:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
 
 
-def apply_update_(param: torch.Tensor, update: torch.Tensor, *, lr: float, weight_decay: float) -> None:
-    """Decoupled weight decay then the step, in place on ``param``:
-    ``param = param * (1 - lr * wd) - lr * update`` with ``update = scale * O`` from
-    :func:`scaled_update`. Element-wise, so it applies to any piece of a matrix."""
-    if weight_decay:
-        param.mul_(1.0 - lr * weight_decay)
-    param.add_(update.to(param.dtype), alpha=-lr)
+def apply_orthogonal_(targets: Sequence[torch.Tensor], updates: Sequence[torch.Tensor],
+                      steps: Sequence[float]) -> None:
+    """``targets[i] -= steps[i] * updates[i]`` in place, where ``steps[i] = lr * scale(A, B)`` of
+    the matrix the pair belongs to and ``updates[i]`` its region of the Newton-Schulz output (any
+    dtype: it is added in the target's). Pairs of equal step go through one multi-tensor call.
+    Element-wise, so any region of a matrix can be applied on its own, straight from the output."""
+    by_step: dict[float, tuple[list, list]] = {}
+    for target, update, step in zip(targets, updates, steps, strict=True):
+        pair = by_step.setdefault(float(step), ([], []))
+        pair[0].append(target)
+        pair[1].append(update)
+    for step, (ts, us) in by_step.items():
+        torch._foreach_add_(ts, us, alpha=-step)
 
 
 def orthogonalize_batched(
@@ -81,10 +112,7 @@ def orthogonalize_batched(
     accumulate in another order).
     """
     out: list[torch.Tensor | None] = [None] * len(matrices)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, M in enumerate(matrices):
-        by_shape.setdefault(tuple(M.shape), []).append(i)
-    for idx in by_shape.values():
+    for idx in group_by_shape(M.shape for M in matrices).values():
         if len(idx) == 1:
             out[idx[0]] = newton_schulz(matrices[idx[0]], steps, coefficients, dtype)
             continue

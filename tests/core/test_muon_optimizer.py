@@ -252,7 +252,7 @@ def test_update_rms_is_about_0_2_lr_for_full_rank_square_matrices(caplog):
     Ws = [torch.nn.Parameter(torch.randn(64, 64, generator=g) * INIT_STD) for _ in range(3)]
     opt = Muon([{"params": Ws, "names": ["a", "b", "c"]}], lr=LR, report_update_rms=True)
     lo, hi = MOONLIGHT_SINGULAR_VALUE_BAND
-    with caplog.at_level(logging.INFO, logger="muon_megatron.core.optimizer"):
+    with caplog.at_level(logging.INFO, logger="muon_megatron.core.base"):
         for _ in range(3):
             for W in Ws:
                 W.grad = torch.randn(64, 64, generator=g)  # Gaussian: full rank, well conditioned
@@ -263,17 +263,23 @@ def test_update_rms_is_about_0_2_lr_for_full_rank_square_matrices(caplog):
     assert "update RMS" in caplog.text
 
 
-def test_update_rms_reports_applied_update_of_each_group():
-    """The reported RMS is the RMS of what was applied, weight decay excluded, per group index."""
+def test_update_rms_reports_applied_update_of_each_group_weight_decay_excluded():
+    """With weight decay on, the reported RMS is that of what was applied beyond the decay,
+    W_1 - W_0 (1 - lr wd), per group index. The decay is made large (W shrinks by 20 %) so that
+    counting it in would change the RMS well beyond the tolerance."""
+    wd = 20.0
     model = make_model()
-    opt = Muon(muon_param_groups(model), lr=LR, weight_decay=0.0, report_update_rms=True)
+    opt = Muon(muon_param_groups(model), lr=LR, weight_decay=wd, report_update_rms=True)
     before = [p.detach().clone() for p in model.parameters()]
     train(model, opt, batches(1))
     index = {id(p): i for i, p in enumerate(model.parameters())}
     assert set(opt.last_update_rms) == set(range(len(opt.param_groups)))
     for gi, group in enumerate(opt.param_groups):
-        deltas = torch.cat([(p.detach() - before[index[id(p)]]).flatten() for p in group["params"]])
-        assert opt.last_update_rms[gi] == pytest.approx(float(deltas.double().square().mean().sqrt()), rel=1e-4)
+        deltas = torch.cat([(p.detach().double() - before[index[id(p)]].double() * (1 - LR * wd)).flatten()
+                            for p in group["params"]])
+        assert opt.last_update_rms[gi] == pytest.approx(float(deltas.square().mean().sqrt()), rel=1e-4)
+        with_decay = torch.cat([(p.detach() - before[index[id(p)]]).double().flatten() for p in group["params"]])
+        assert abs(float(with_decay.square().mean().sqrt()) - opt.last_update_rms[gi]) > 0.1 * opt.last_update_rms[gi]
 
 
 def test_update_rms_report_off_by_default():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import core_reference as ref
-from muon_megatron import ExpertStack, FusedQKV, GateUp, Muon, Whole
-from muon_megatron.core.optimizer import finite_flags
+from muon_megatron import ExpertStack, FusedQKV, GateUp, Muon, Whole, apply_orthogonal_, decay_, group_by_shape, momentum_
+from muon_megatron.core.base import finite_flags
 
 STEPS = 4
 LR = 1e-2
@@ -161,3 +161,52 @@ def test_finite_flags_per_tensor_in_order_without_overflow():
     ]
     assert finite_flags(tensors) == [True, False, True, False, True, False]
     assert finite_flags([]) == [] and finite_flags([torch.zeros(0)]) == [True]
+
+
+# --- the update's list-form functions, against the formula in float64 ----------------------------
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_advances_every_buffer_and_returns_the_newton_schulz_inputs(nesterov):
+    g = torch.Generator().manual_seed(11)
+    shapes = [(5, 7), (3,), (2, 4, 6)]
+    bufs = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    before = [b.double() for b in bufs]
+    kept = [x.clone() for x in grads]
+    inputs = momentum_(bufs, grads, momentum=0.9, nesterov=nesterov)
+    for b0, b, grad, u in zip(before, bufs, grads, inputs):
+        expected_buf = 0.9 * b0 + grad.double()
+        assert ref.rel_err(b, expected_buf) < 1e-6
+        expected_input = grad.double() + 0.9 * expected_buf if nesterov else expected_buf
+        assert ref.rel_err(u, expected_input) < 1e-6
+        if not nesterov:
+            assert u is b  # the buffer itself: no copy
+    assert all(torch.equal(a, b) for a, b in zip(grads, kept))  # gradients untouched
+    assert momentum_([], [], momentum=0.9, nesterov=True) == []
+
+
+def test_decay_then_apply_is_the_decoupled_scaled_step_on_any_region():
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(6, 10, generator=g)
+    W0 = W.double().clone()
+    O = torch.randn(6, 10, generator=g).to(torch.bfloat16)
+    lr, wd, scale = 0.02, 0.1, 0.7
+    decay_([W], lr=lr, weight_decay=wd)
+    # two regions of the matrix applied separately, plus a second matrix of another step size
+    V = torch.randn(3, 3, generator=g)
+    V0 = V.double().clone()
+    P = torch.randn(3, 3, generator=g)
+    apply_orthogonal_([W[:, :4], W[:, 4:], V], [O[:, :4], O[:, 4:], P], [lr * scale, lr * scale, 0.5])
+    assert ref.rel_err(W, W0 * (1 - lr * wd) - lr * scale * O.double()) < 1e-6
+    assert ref.rel_err(V, V0 - 0.5 * P.double()) < 1e-6
+    untouched = torch.randn(4, generator=g)
+    kept = untouched.clone()
+    decay_([untouched], lr=lr, weight_decay=0.0)
+    assert torch.equal(untouched, kept)
+
+
+def test_group_by_shape_keeps_first_appearance_order():
+    shapes = [(2, 3), (4, 5), (2, 3), torch.Size([4, 5]), (1, 1)]
+    assert group_by_shape(shapes) == {(2, 3): [0, 2], (4, 5): [1, 3], (1, 1): [4]}
+    assert list(group_by_shape(shapes)) == [(2, 3), (4, 5), (1, 1)]

@@ -105,6 +105,20 @@ def test_split_pattern_matching_nothing_raises():
         muon_param_groups(MoEBlock(), splits={"nope": GateUp()})
 
 
+def test_second_split_pattern_matching_an_already_split_parameter_counts_as_used():
+    """Regression: a second pattern matching a parameter another pattern already split was reported
+    as matching nothing."""
+    spec = FusedQKV(2, 2, 4)
+    groups = muon_param_groups(MoEBlock(), splits={"qkv.weight": spec, "qkv.w*": spec})
+    (group,) = [g for g in groups if g.get("split") == spec]
+    assert group["names"] == ["qkv.weight"]
+
+
+def test_split_patterns_giving_one_parameter_different_specs_raise():
+    with pytest.raises(ValueError, match=r"split patterns \['qkv.weight', 'qkv.w\*'\] all match 'qkv.weight'"):
+        muon_param_groups(MoEBlock(), splits={"qkv.weight": FusedQKV(2, 2, 4), "qkv.w*": GateUp()})
+
+
 def test_split_on_adamw_parameter_raises():
     with pytest.raises(ValueError, match="routed to AdamW"):
         muon_param_groups(MoEBlock(), splits={"output_layer.weight": GateUp()})
@@ -218,7 +232,7 @@ def test_split_on_adamw_group_raises():
 # --- names of coefficient sets, scales, dtypes; hyper-parameters ---------------------------------
 
 
-def test_unknown_coefficient_name_lists_valid_names():
+def test_optimizer_with_unknown_coefficient_name_lists_valid_names():
     with pytest.raises(ValueError) as err:
         Muon([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, ns_coefficients="quintic")
     assert all(repr(name) in str(err.value) for name in NS_COEFFICIENTS)
