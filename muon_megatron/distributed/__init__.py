@@ -19,6 +19,8 @@ from .layout import (
     flat_layouts,
     holdings,
     matrix_name,
+    tensor_parallel_full_shape,
+    tensor_parallel_shard,
 )
 from .optimizer import DistributedMuon
 from .plan import MatrixPlan, Plan, PlanError, make_plan, ns_flops
@@ -27,5 +29,5 @@ from .runtime import MuonExchange
 __all__ = [
     "AlignItem", "AlignedLayout", "any_rank", "DistributedMuon", "MatrixHolding", "MatrixPlan", "MuonExchange", "ParamLayout",
     "ParamSpec", "PieceRect", "Plan", "PlanError", "aligned_layout", "collective_device", "bucketed_layouts", "flat_layouts", "holdings",
-    "make_plan", "matrix_name", "ns_flops",
+    "make_plan", "matrix_name", "ns_flops", "tensor_parallel_full_shape", "tensor_parallel_shard",
 ]

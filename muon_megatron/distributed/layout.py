@@ -59,13 +59,14 @@ class ParamLayout:
         return self.shard if self.shard is not None else (0, 0, R, C)
 
     @property
-    def range(self) -> tuple[int, int]:
+    def kept_range(self) -> tuple[int, int]:
+        """``flat_range`` resolved: ``(start, stop)`` of the local tensor's elements kept here."""
         _, _, h, w = self.shard_rect
         return self.flat_range if self.flat_range is not None else (0, h * w)
 
     @property
     def numel(self) -> int:
-        start, stop = self.range
+        start, stop = self.kept_range
         return stop - start
 
     def matrices(self) -> tuple[LogicalMatrix, ...]:
@@ -77,12 +78,41 @@ class ParamLayout:
         r, c, h, w = self.shard_rect
         if h < 1 or w < 1 or r < 0 or c < 0 or r + h > R or c + w > C:
             raise ValueError(f"parameter {self.key!r}: shard {self.shard} lies outside its view {(R, C)}")
-        start, stop = self.range
+        start, stop = self.kept_range
         if not 0 <= start <= stop <= h * w:
             raise ValueError(
                 f"parameter {self.key!r}: flat_range {self.flat_range} outside its local tensor of {h * w} elements"
             )
         self.matrices()
+
+
+def tensor_parallel_shard(full_shape: Sequence[int], partition_dim: Optional[int], size: int, rank: int) -> Optional[Rect]:
+    """Shard ``rank``'s rectangle ``(row, col, rows, cols)`` of a 2-D weight of ``full_shape`` cut
+    along ``partition_dim`` (0: rows, 1: columns) into ``size`` equal tensor-parallel shards; None
+    when the weight is not cut (``partition_dim`` None or ``size`` 1). The one tensor-parallel
+    geometry of the package: both engine adapters and the planner describe shards with it.
+    ValueError for another cut, a rank out of range or a size that does not divide the dimension."""
+    rows, cols = (int(v) for v in full_shape)
+    if partition_dim is None or size == 1:
+        return None
+    if partition_dim not in (0, 1) or not 0 <= rank < size or (rows, cols)[partition_dim] % size:
+        raise ValueError(
+            f"cannot cut a {rows} x {cols} weight along dim {partition_dim} into {size} tensor-parallel shards "
+            f"(rank {rank}): 2-D weights cut evenly along dim 0 or 1 only"
+        )
+    if partition_dim == 0:
+        h = rows // size
+        return (rank * h, 0, h, cols)
+    w = cols // size
+    return (0, rank * w, rows, w)
+
+
+def tensor_parallel_full_shape(local_shape: Sequence[int], partition_dim: Optional[int], size: int) -> tuple[int, int]:
+    """The full shape of a 2-D weight whose tensor-parallel shard has ``local_shape``."""
+    full = [int(v) for v in local_shape]
+    if partition_dim is not None and size > 1:
+        full[partition_dim] *= size
+    return tuple(full)
 
 
 _MATRIX_CACHE: dict = {}
@@ -169,7 +199,7 @@ def holdings(layout: ParamLayout, rank: int, slot: int) -> list[MatrixHolding]:
     """The logical matrices ``layout`` touches and the rectangles it holds of each."""
     layout.validate()
     sr, sc, sh, sw = layout.shard_rect
-    start, stop = layout.range
+    start, stop = layout.kept_range
     local = [(sr + r, sc + c, h, w) for r, c, h, w in _range_rects(start, stop, sw)]
     out = []
     for mat in layout.matrices():
@@ -191,7 +221,7 @@ def view_rects(layout: ParamLayout) -> list[tuple[Rect, int]]:
     """The piece as rectangles of the parameter's full view, each with its piece-buffer offset
     (row stride is the shard width). Used by checkpoints to reshard momentum."""
     sr, sc, _, sw = layout.shard_rect
-    start, stop = layout.range
+    start, stop = layout.kept_range
     return [((sr + r, sc + c, h, w), r * sw + c - start) for r, c, h, w in _range_rects(start, stop, sw)]
 
 

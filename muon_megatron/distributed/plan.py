@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..core.newton_schulz import ns_flops
+from ..core.update import group_by_shape
 from .layout import MatrixHolding
 
 
@@ -158,7 +159,7 @@ def make_plan(
     gather = [0] * world_size
     back = [0] * world_size
     plans = []
-    buckets: list[dict] = [defaultdict(list) for _ in range(world_size)]
+    owned: list[list[int]] = [[] for _ in range(world_size)]
     for index, name in enumerate(names):
         o = owner[name]
         sources = []
@@ -172,11 +173,16 @@ def make_plan(
         back[o] += sum(h.numel for h in returns if h.rank != o)
         shape = tuple(by_matrix[name][0].shape)
         plans.append(MatrixPlan(name, shape, o, flops[name], tuple(sources), tuple(returns)))
-        buckets[o][shape].append(index)
+        owned[o].append(index)
+    buckets = tuple(
+        tuple(sorted((shape, tuple(mine[k] for k in ks))
+                     for shape, ks in group_by_shape(plans[i].shape for i in mine).items()))
+        for mine in owned
+    )
     return Plan(
         world_size,
         tuple(plans),
-        tuple(tuple((shape, tuple(ix)) for shape, ix in sorted(b.items())) for b in buckets),
+        buckets,
         tuple(load),
         tuple(gather),
         tuple(back),

@@ -1,5 +1,5 @@
 """GPU speed for the Muon step: Newton-Schulz backends behind the core's one signature, a bucket
-planner, per-shape backend selection by measurement, CUDA-graph replay for launch-bound shapes,
+shape buckets (:mod:`.buckets`), per-shape backend selection by measurement, CUDA-graph replay for launch-bound shapes,
 and a fused element-wise step runtime (issue 7).
 
 Everything here imports torch and ``muon_megatron.core`` only; Triton is optional and imported
@@ -18,13 +18,13 @@ from .orthogonalize import (
     orthogonalize_grouped,
     orthogonalizer,
 )
-from .plan import NSBucket, NSPlan, ns_flops, plan_buckets
+from .buckets import NSBucket, NSBuckets, ns_flops, ns_buckets
 from .registry import NS_BACKENDS, NSBackend, available_backends, get_backend
 from .select import BackendChooser, time_call
 from .step import MuonStepRuntime
 
 __all__ = [
-    "ADAPTER_BACKENDS", "AutoOrthogonalizer", "BackendChooser", "FusedMuon", "GraphedNewtonSchulz", "MuonStepRuntime", "NSBackend", "NSBucket", "NSPlan", "NS_BACKENDS",
+    "ADAPTER_BACKENDS", "AutoOrthogonalizer", "BackendChooser", "FusedMuon", "GraphedNewtonSchulz", "MuonStepRuntime", "NSBackend", "NSBucket", "NSBuckets", "NS_BACKENDS",
     "available_backends", "check_backend_name", "get_backend", "newton_schulz_fused", "newton_schulz_triton", "ns_flops",
-    "orthogonalize_grouped", "orthogonalizer", "plan_buckets", "symmetric_product", "time_call", "triton_importable",
+    "orthogonalize_grouped", "orthogonalizer", "ns_buckets", "symmetric_product", "time_call", "triton_importable",
 ]

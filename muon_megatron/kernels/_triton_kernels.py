@@ -1,5 +1,5 @@
-"""Triton kernels (imported only where Triton is importable; see :mod:`.ns_triton` and
-:mod:`.elementwise`). Nothing here is called on the CPU except under ``TRITON_INTERPRET=1``.
+"""Triton kernels (imported only where Triton is importable; used by :mod:`.ns_triton` and
+:mod:`.step`). Nothing here is called on the CPU except under ``TRITON_INTERPRET=1``.
 
 ``symmetric_product_kernel``: ``Out = alpha * A A^T + beta * C (+ gamma I)`` for a batch of ``m x k``
 matrices ``A`` (any strides) and a symmetric ``C``. Only the tiles on and below the diagonal
@@ -7,7 +7,8 @@ are computed (``T (T + 1) / 2`` of ``T^2``); each off-diagonal tile is stored tw
 and transposed. bf16/fp16 in, fp32 accumulate, one rounding at the store.
 
 ``momentum_gather_kernel`` / ``apply_update_kernel``: the Muon element-wise work of many
-matrices in one launch each. A chunk table maps each program to (matrix, first element);
+matrices in one launch each, a backend of the core's ``momentum_`` and ``decay_`` +
+``apply_orthogonal_`` (:mod:`muon_megatron.core.update`; tests check them against those). A chunk table maps each program to (matrix, first element);
 per-matrix pointers come from int64 address tables (multi-tensor apply, as ``torch._foreach``
 does in C++), so no per-parameter launch or Python loop runs in the step.
 """

@@ -1,4 +1,4 @@
-"""Bucket planner: which matrices go through Newton-Schulz together (pure, no tensors).
+"""Newton-Schulz buckets: which matrices go through one batched call together (pure, no tensors).
 
 Matrices of one shape form a group and are stacked into one batched call (paper Algorithm 1
 notes the NS work dominates; batching is what brings it near the matmul rate, MOONLIGHT.md:
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..core.newton_schulz import ns_flops
+from ..core.update import group_by_shape
 
 # One batched NS call issues about 3 launches per iteration plus a few more; at 5 us each and
 # ~500 TFLOP/s that is worth ~4e10 FLOPs of work (a 576 x 2048 NS5 costs 1.6e10).
@@ -50,7 +51,7 @@ class NSBucket:
 
 
 @dataclass(frozen=True)
-class NSPlan:
+class NSBuckets:
     """The buckets covering every planned matrix exactly once."""
 
     buckets: tuple[NSBucket, ...]
@@ -65,14 +66,14 @@ def _cost(shape: tuple[int, int], batch: int, steps: int, launch_cost: float) ->
     return launch_cost + batch * ns_flops(*shape, steps)
 
 
-def plan_buckets(
+def ns_buckets(
     shapes: Sequence[tuple[int, int]],
     *,
     steps: int = 5,
     launch_cost_flops: float = DEFAULT_LAUNCH_COST_FLOPS,
     max_batch: int = 128,
     merge: bool = True,
-) -> NSPlan:
+) -> NSBuckets:
     """Group ``shapes`` (one ``(rows, cols)`` per matrix) into Newton-Schulz buckets.
 
     Exact-shape groups keep first-appearance order and, inside a group, input order (so the
@@ -83,12 +84,10 @@ def plan_buckets(
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(shapes):
-        s = (int(s[0]), int(s[1]))
-        if min(s) < 1:
-            raise ValueError(f"matrix {i} has an empty shape {s}")
-        groups.setdefault(s, []).append(i)
+        if min(int(v) for v in s) < 1:
+            raise ValueError(f"matrix {i} has an empty shape {tuple(s)}")
+    groups = group_by_shape(shapes)
     # Each working bucket: (padded shape, [exact shapes in order])
     work: list[tuple[tuple[int, int], list[tuple[int, int]]]] = [(s, [s]) for s in groups]
     while merge:
@@ -120,4 +119,4 @@ def plan_buckets(
         for start in range(0, len(indices), size):
             chunk = tuple(indices[start:start + size])
             buckets.append(NSBucket(shape, chunk, tuple((int(shapes[i][0]), int(shapes[i][1])) for i in chunk)))
-    return NSPlan(tuple(buckets), len(shapes))
+    return NSBuckets(tuple(buckets), len(shapes))

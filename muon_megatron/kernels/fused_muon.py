@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 
 from ..core.optimizer import Muon
 from ..core.splits import ExpertStack, Whole
@@ -65,10 +64,8 @@ class FusedMuon(Muon):
             self._runtimes[index] = runtime
         return self._runtimes[index]
 
-    def _muon_group(self, group: dict) -> tuple[float, int]:
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+    def _muon_group(self, index: int, group: dict, sums: dict[int, list]) -> None:
         runtime = self._runtime(index, group) if all(p.grad is not None for p in group["params"]) else None
         if runtime is None:
-            return super()._muon_group(group)
+            return super()._muon_group(index, group, sums)
         runtime.step_([p.grad for p in group["params"]], lr=group["lr"], weight_decay=group["weight_decay"])
-        return 0.0, 0

@@ -13,78 +13,60 @@ product into a plain ``bmm``, which cuBLAS runs faster than ``baddbmm`` with a `
 (issue 7, run 1 on the H200: the ``B X`` product of 128 expert matrices took 2.3 ms as
 ``baddbmm``). Rounding ``a + B_ii`` to bf16 costs the same relative error as rounding ``a X``.
 Tall inputs are transposed once into a contiguous wide copy, so every product sees row-major
-operands. Equal to the core within ``dtype`` rounding, not bitwise.
+operands (the core's :func:`~muon_megatron.core.newton_schulz.iterate_newton_schulz` frame, batched). Equal to the core within ``dtype`` rounding, not bitwise.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core.newton_schulz import NS_EPS, CoefficientSpec, resolve_coefficients
+from ..core.newton_schulz import NS_EPS, CoefficientSpec, iterate_newton_schulz
 
 
-def prepare(G: torch.Tensor, dtype: torch.dtype, eps: float) -> tuple[torch.Tensor, bool, torch.Size]:
-    """Cast, orient (wide), normalise each matrix by its Frobenius norm; as a 3-D batch.
-
-    Returns ``(X, tall, batch_shape)``; ``X`` may be a transposed (non-contiguous) view.
-    """
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    norm = X.norm(dim=(-2, -1), keepdim=True) + eps
-    batch_shape = X.shape[:-2]
-    # One pass that normalises and (for tall inputs) lays the wide matrix out row-major.
-    out = torch.empty(X.shape, dtype=dtype, device=X.device)
-    torch.div(X, norm, out=out)
-    return out.reshape(-1, out.size(-2), out.size(-1)), tall, batch_shape
+def _fused_iteration(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    M = torch.bmm(X, X.mT)
+    B = torch.baddbmm(M, M, M, beta=b, alpha=c)
+    B.diagonal(dim1=-2, dim2=-1).add_(a)
+    return torch.bmm(B, X)
 
 
-def finish(X: torch.Tensor, tall: bool, batch_shape: torch.Size) -> torch.Tensor:
-    """Undo :func:`prepare`'s batching and orientation; a contiguous result like the core's."""
-    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
-    if tall:
-        X = X.mT
-    return X.contiguous()
+def _baddbmm_iteration(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    M = torch.bmm(X, X.mT)
+    B = torch.baddbmm(M, M, M, beta=b, alpha=c)
+    return torch.baddbmm(X, B, X, beta=a, alpha=1.0)
 
 
-def newton_schulz_fused(
-    G: torch.Tensor,
-    steps: int = 5,
-    coefficients: CoefficientSpec = "moonlight",
-    dtype: torch.dtype = torch.bfloat16,
-    eps: float = NS_EPS,
-) -> torch.Tensor:
+def batched_backend(iteration, name: str, doc: str, check=None):
+    """A Newton-Schulz backend with the core's signature ``fn(G, steps=5, coefficients="moonlight",
+    dtype=torch.bfloat16, eps=NS_EPS)``: the core's frame
+    (:func:`~muon_megatron.core.newton_schulz.iterate_newton_schulz`, batched, row-major) around
+    ``iteration(X, a, b, c)``. ``check(dtype)``, if given, refuses a dtype first (ValueError)."""
+
+    def newton_schulz_backend(
+        G: torch.Tensor,
+        steps: int = 5,
+        coefficients: CoefficientSpec = "moonlight",
+        dtype: torch.dtype = torch.bfloat16,
+        eps: float = NS_EPS,
+    ) -> torch.Tensor:
+        if check is not None:
+            check(dtype)
+        return iterate_newton_schulz(G, steps, coefficients, dtype, eps, iteration, batched=True)
+
+    newton_schulz_backend.__name__ = newton_schulz_backend.__qualname__ = name
+    newton_schulz_backend.__doc__ = doc
+    return newton_schulz_backend
+
+
+newton_schulz_fused = batched_backend(
+    _fused_iteration, "newton_schulz_fused",
     """:func:`muon_megatron.core.newton_schulz` with three matmul launches per iteration (plus the
-    diagonal add).
+    diagonal add). Works on any device and dtype torch's ``baddbmm`` supports; ``G`` is not
+    modified.""",
+)
 
-    Works on any device and dtype torch's ``baddbmm`` supports; ``G`` is not modified.
-    """
-    abc = resolve_coefficients(coefficients, steps)
-    X, tall, batch_shape = prepare(G, dtype, eps)
-    for a, b, c in abc:
-        M = torch.bmm(X, X.mT)
-        B = torch.baddbmm(M, M, M, beta=b, alpha=c)
-        B.diagonal(dim1=-2, dim2=-1).add_(a)
-        X = torch.bmm(B, X)
-    return finish(X, tall, batch_shape)
-
-
-def newton_schulz_baddbmm(
-    G: torch.Tensor,
-    steps: int = 5,
-    coefficients: CoefficientSpec = "moonlight",
-    dtype: torch.dtype = torch.bfloat16,
-    eps: float = NS_EPS,
-) -> torch.Tensor:
-    """The same with ``X = baddbmm(X, B, X, beta=a)`` (``a X`` in the GEMM epilogue instead of
-    on the diagonal of ``B``); kept so the benchmark can show what the fold buys."""
-    abc = resolve_coefficients(coefficients, steps)
-    X, tall, batch_shape = prepare(G, dtype, eps)
-    for a, b, c in abc:
-        M = torch.bmm(X, X.mT)
-        B = torch.baddbmm(M, M, M, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-    return finish(X, tall, batch_shape)
+newton_schulz_baddbmm = batched_backend(
+    _baddbmm_iteration, "newton_schulz_baddbmm",
+    """The same with ``X = baddbmm(X, B, X, beta=a)`` (``a X`` in the GEMM epilogue instead of on
+    the diagonal of ``B``); kept so the benchmark can show what the fold buys.""",
+)

@@ -19,8 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..core.newton_schulz import NS_EPS, CoefficientSpec, resolve_coefficients
-from .ns_torch import finish, prepare
+from .ns_torch import batched_backend
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -85,21 +84,20 @@ def symmetric_product(
     return out
 
 
-def newton_schulz_triton(
-    G: torch.Tensor,
-    steps: int = 5,
-    coefficients: CoefficientSpec = "moonlight",
-    dtype: torch.dtype = torch.bfloat16,
-    eps: float = NS_EPS,
-) -> torch.Tensor:
-    """:func:`muon_megatron.core.newton_schulz` with ``X X^T`` and ``c M M + b M`` on the
-    one-triangle kernel. ``dtype`` must be bf16 or fp16; ``G`` is not modified."""
+def _symmetric_iteration(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    M = symmetric_product(X)
+    B = symmetric_product(M, M, alpha=c, beta=b, gamma=a)  # c M M + b M + a I
+    return torch.bmm(B, X)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"triton_symmetric runs in bf16 or fp16, not {dtype}; use backend='torch_batched'")
-    abc = resolve_coefficients(coefficients, steps)
-    X, tall, batch_shape = prepare(G, dtype, eps)
-    for a, b, c in abc:
-        M = symmetric_product(X)
-        B = symmetric_product(M, M, alpha=c, beta=b, gamma=a)  # c M M + b M + a I
-        X = torch.bmm(B, X)
-    return finish(X, tall, batch_shape)
+
+
+newton_schulz_triton = batched_backend(
+    _symmetric_iteration, "newton_schulz_triton",
+    """:func:`muon_megatron.core.newton_schulz` with ``X X^T`` and ``c M M + b M`` on the
+    one-triangle kernel. ``dtype`` must be bf16 or fp16; ``G`` is not modified.""",
+    check=_check_dtype,
+)

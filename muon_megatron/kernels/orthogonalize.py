@@ -1,4 +1,4 @@
-"""Newton-Schulz over many matrices: plan buckets, stack, run each bucket on its backend.
+"""Newton-Schulz over many matrices: bucket them, stack, run each bucket on its backend.
 
 :func:`orthogonalize_grouped` is a drop-in for :func:`muon_megatron.core.orthogonalize_batched`
 (same arguments plus ``backend``), returning results in input order.
@@ -12,7 +12,7 @@ import torch
 
 from ..core.newton_schulz import NS_EPS, CoefficientSpec
 from ..core.update import orthogonalize_batched
-from .plan import NSBucket, NSPlan, plan_buckets
+from .buckets import NSBucket, NSBuckets, ns_buckets
 from .registry import NS_BACKENDS, get_backend
 from .select import BackendChooser
 
@@ -51,25 +51,25 @@ def orthogonalize_grouped(
     dtype: torch.dtype = torch.bfloat16,
     eps: float = NS_EPS,
     backend: BackendSpec = "torch_batched",
-    plan: Optional[NSPlan] = None,
+    buckets: Optional[NSBuckets] = None,
 ) -> list[torch.Tensor]:
     """Newton-Schulz on every 2-D matrix of ``matrices`` (any mix of shapes), in input order.
 
     Results are ``dtype`` tensors of each input's shape (views into the bucket outputs). Equal
     to :func:`muon_megatron.core.newton_schulz` on each matrix alone within ``dtype`` rounding.
-    ``plan`` defaults to :func:`.plan.plan_buckets` of the shapes.
+    ``buckets`` defaults to :func:`.buckets.ns_buckets` of the shapes.
     """
     if not matrices:
         return []
     if any(M.ndim != 2 for M in matrices):
         raise ValueError("orthogonalize_grouped takes 2-D matrices; split 3-D expert stacks first")
-    if plan is None:
-        plan = plan_buckets([tuple(M.shape) for M in matrices], steps=steps)
-    if plan.num_matrices != len(matrices):
-        raise ValueError(f"plan covers {plan.num_matrices} matrices, got {len(matrices)}")
+    if buckets is None:
+        buckets = ns_buckets([tuple(M.shape) for M in matrices], steps=steps)
+    if buckets.num_matrices != len(matrices):
+        raise ValueError(f"the buckets cover {buckets.num_matrices} matrices, got {len(matrices)}")
     device = matrices[0].device
     out: list[Optional[torch.Tensor]] = [None] * len(matrices)
-    for bucket in plan.buckets:
+    for bucket in buckets.buckets:
         name = resolve_backend(backend, bucket, steps=steps, coefficients=coefficients, dtype=dtype, device=device)
         result = get_backend(name).fn(stack_bucket(matrices, bucket, dtype), steps, coefficients, dtype, eps)
         for j, i in enumerate(bucket.indices):

@@ -1,7 +1,7 @@
 """``MuonStepRuntime``: Moonlight's Muon step (paper eq. 4) for a fixed list of matrix parameters,
 with the element-wise work fused over all matrices of a bucket and Newton-Schulz batched.
 
-Per bucket of the plan (:mod:`.plan`), three launches plus Newton-Schulz:
+Per Newton-Schulz bucket (:mod:`.buckets`), three launches plus Newton-Schulz:
 
 1. ``momentum_gather`` (one launch for every matrix of the bucket): ``buf = mu * buf + g`` in
    place, and the Newton-Schulz input ``g + mu * buf`` (Nesterov) rounded to ``ns_dtype`` written
@@ -15,7 +15,7 @@ and row-major; Newton-Schulz of ``G^T`` is the transpose of Newton-Schulz of ``G
 kernel reads the result back transposed. No transposing copy runs inside Newton-Schulz.
 
 Buckets are processed one after another, so the transient memory is one bucket's Newton-Schulz
-working set (bounded by the planner's ``max_batch``), and the persistent state is the fp32
+working set (bounded by ``max_batch``), and the persistent state is the fp32
 momentum alone: 4 bytes per parameter against AdamW's 8.
 
 The Triton element-wise path needs fp32 contiguous parameters and gradients on a CUDA device
@@ -33,11 +33,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..core.newton_schulz import NS_EPS, CoefficientSpec, resolve_coefficients
-from ..core.update import check_update_scale, update_scale as scale_for
+from ..core.hyperparams import check_hyperparameters
+from ..core.newton_schulz import NS_EPS, CoefficientSpec
+from ..core.update import apply_orthogonal_, decay_, momentum_, update_scale as scale_for
 from . import ns_triton
 from .orthogonalize import BackendSpec, stack_bucket
-from .plan import DEFAULT_LAUNCH_COST_FLOPS, NSPlan, plan_buckets
+from .buckets import DEFAULT_LAUNCH_COST_FLOPS, NSBuckets, ns_buckets
 from .registry import get_backend
 from .select import BackendChooser
 
@@ -82,7 +83,7 @@ class MuonStepRuntime:
         backend: a Newton-Schulz backend name, or a :class:`BackendChooser` (default: a new
             chooser, i.e. measured per bucket shape on the first step).
         elementwise: "triton", "foreach" or "auto" (Triton where it can run).
-        max_batch, launch_cost_flops: passed to :func:`.plan.plan_buckets`.
+        max_batch, launch_cost_flops: passed to :func:`.buckets.ns_buckets`.
     """
 
     def __init__(
@@ -101,9 +102,8 @@ class MuonStepRuntime:
         launch_cost_flops: float = DEFAULT_LAUNCH_COST_FLOPS,
         eps: float = NS_EPS,
     ):
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        resolve_coefficients(ns_coefficients, ns_steps)
+        check_hyperparameters(dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                   ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, update_scale=update_scale))
         if elementwise not in ("auto", "triton", "foreach"):
             raise ValueError(f"elementwise must be 'auto', 'triton' or 'foreach', got {elementwise!r}")
         self.params = list(params)
@@ -117,11 +117,11 @@ class MuonStepRuntime:
         self.device = self.params[0].device
         # (param index, expert index or None, shape) per matrix, in parameter order
         entries = [(p, e, s) for p, param in enumerate(self.params) for e, s in matrices_of(param)]
-        self.plan: NSPlan = plan_buckets([s for _, _, s in entries], steps=ns_steps, max_batch=max_batch,
+        self.buckets: NSBuckets = ns_buckets([s for _, _, s in entries], steps=ns_steps, max_batch=max_batch,
                                          launch_cost_flops=launch_cost_flops)
-        order = [i for bucket in self.plan.buckets for i in bucket.indices]
+        order = [i for bucket in self.buckets.buckets for i in bucket.indices]
         self._entries = [entries[i] for i in order]  # bucket order
-        self._scales = [scale_for(check_update_scale(update_scale), *s) for _, _, s in self._entries]
+        self._scales = [scale_for(update_scale, *s) for _, _, s in self._entries]
         self.buffers = [torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
                         for p in self.params]
         can_triton = (
@@ -151,7 +151,7 @@ class MuonStepRuntime:
         self._param_of = torch.tensor([p for p, _, _ in self._entries], **i64)
         self._byte_offset = torch.tensor(
             [0 if e is None else e * s[0] * s[1] * 4 for _, e, s in self._entries], **i64)
-        for bucket in self.plan.buckets:
+        for bucket in self.buckets.buckets:
             sl = slice(start, start + bucket.batch)
             start += bucket.batch
             mp, np_ = bucket.shape
@@ -214,7 +214,7 @@ class MuonStepRuntime:
         self._lr_wd[1].fill_(1.0 - lr * weight_decay)
         grad_ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64).to(self.device, non_blocking=True)
         all_grad_ptrs = grad_ptrs[self._param_of] + self._byte_offset
-        for bucket, t in zip(self.plan.buckets, self._tables):
+        for bucket, t in zip(self.buckets.buckets, self._tables):
             alloc = torch.zeros if bucket.padded else torch.empty
             shape = bucket.shape[::-1] if t.transposed else bucket.shape
             X = alloc((bucket.batch, *shape), dtype=self.ns_dtype, device=self.device)
@@ -244,19 +244,16 @@ class MuonStepRuntime:
                 )
 
     def _step_foreach(self, grads, lr, weight_decay) -> None:
-        mu = self.momentum
-        torch._foreach_mul_(self.buffers, mu)
-        torch._foreach_add_(self.buffers, list(grads))
-        U = torch._foreach_add(list(grads), self.buffers, alpha=mu) if self.nesterov else self.buffers
+        # the core's update (muon_megatron.core.update), list form, bucket by bucket
+        U = momentum_(self.buffers, grads, momentum=self.momentum, nesterov=self.nesterov)
         start = 0
-        for bucket in self.plan.buckets:
+        for bucket in self.buckets.buckets:
             sl = slice(start, start + bucket.batch)
             start += bucket.batch
             inputs = [self._view(U[p], e) for p, e, _ in self._entries[sl]]
             local = type(bucket)(bucket.shape, tuple(range(bucket.batch)), bucket.shapes)
-            O = self._ns(bucket, stack_bucket(inputs, local, self.ns_dtype)).float()
-            outs = [O[j, :m, :n] for j, (_, _, (m, n)) in enumerate(self._entries[sl])]
+            O = self._ns(bucket, stack_bucket(inputs, local, self.ns_dtype))
             params = self._param_views[sl]
-            if weight_decay:
-                torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-            torch._foreach_add_(params, torch._foreach_mul(outs, [-lr * s for s in self._scales[sl]]))
+            decay_(params, lr=lr, weight_decay=weight_decay)
+            apply_orthogonal_(params, [O[j, :m, :n] for j, (_, _, (m, n)) in enumerate(self._entries[sl])],
+                              [lr * s for s in self._scales[sl]])

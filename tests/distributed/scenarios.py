@@ -131,8 +131,9 @@ def _local(full: torch.Tensor, split, rect, rng_):
     return flat.clone()
 
 
-def worker(rank: int, world: int, kind: str, seed: int, ns_dtype_name: str):
-    """Run DistributedMuon on this rank's pieces; return pieces, plan digest, NS counts."""
+def worker(rank: int, world: int, kind: str, seed: int, ns_dtype_name: str, pipeline: bool = False):
+    """Run DistributedMuon on this rank's pieces; return pieces, plan digest, NS counts. With
+    ``pipeline``, the exchange runs one stage per chunk of at most two matrices (many stages)."""
     ns_dtype = getattr(torch, ns_dtype_name)
     params, grads = make_tensors(seed)
     specs = full_params()
@@ -153,7 +154,9 @@ def worker(rank: int, world: int, kind: str, seed: int, ns_dtype_name: str):
         buffer = torch.cat(flat_parts) if flat_parts else torch.zeros(0)
         tensors = [buffer]
         group = {"params": tensors, "layouts": [layouts]}
-    opt = DistributedMuon([group], lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+    opt = DistributedMuon([group], lr=LR, weight_decay=WD, ns_dtype=ns_dtype, pipeline_exchange=pipeline,
+                          **({"max_batch": 2} if pipeline else {}))
+    assert opt.exchange.stages > 1 or not pipeline or len(opt.plan.owned(rank)) <= 2
     counts = []
     for g in grads:
         gparts = [_local(g[n], specs[n][1], rect, rng_) for n, rect, rng_ in pieces]
@@ -177,6 +180,6 @@ def expected_piece(ref: dict, name: str, rect, rng_) -> torch.Tensor:
     return _local(ref[name], full_params()[name][1], rect, rng_)
 
 
-def worker_all(rank: int, world: int, kinds: list, seed: int, ns_dtype_name: str):
+def worker_all(rank: int, world: int, kinds: list, seed: int, ns_dtype_name: str, pipeline: bool = False):
     """All layout kinds in one process group (one spawn per world size keeps the suite fast)."""
-    return {kind: worker(rank, world, kind, seed, ns_dtype_name) for kind in kinds}
+    return {kind: worker(rank, world, kind, seed, ns_dtype_name, pipeline) for kind in kinds}

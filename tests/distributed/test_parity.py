@@ -16,9 +16,9 @@ KINDS = ["replicated", "zero1", "tp", "tp_zero", "ep"]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
 
-def _run_all(world: int, ns_dtype: str, seed: int):
+def _run_all(world: int, ns_dtype: str, seed: int, pipeline: bool = False):
     kinds = [k for k in KINDS if not (k == "tp_zero" and world % 2)]
-    ranks = run_ranks(scenarios.worker_all, world, kinds, seed, ns_dtype)
+    ranks = run_ranks(scenarios.worker_all, world, kinds, seed, ns_dtype, pipeline)
     return {kind: [r[kind] for r in ranks] for kind in kinds}
 
 
@@ -26,10 +26,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _check(world, ns_dtype, seed):
+def _check(world, ns_dtype, seed, pipeline=False):
     ref = scenarios.reference(seed, getattr(torch, ns_dtype))
     init, _ = scenarios.make_tensors(seed)
-    for kind, ranks in _run_all(world, ns_dtype, seed).items():
+    for kind, ranks in _run_all(world, ns_dtype, seed, pipeline).items():
         # the plan is the same on every rank
         assert len({r["plan"] for r in ranks}) == 1, kind
         matrices = ranks[0]["matrices"]
@@ -48,6 +48,12 @@ def _check(world, ns_dtype, seed):
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_every_layout_matches_single_process_float32_ns(world):
     _check(world, "float32", seed=world + 11)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pipelined_exchange_matches_single_process_in_every_layout(world):
+    """One stage per chunk of two matrices, collectives posted one stage ahead: the same result."""
+    _check(world, "float32", seed=world + 31, pipeline=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 import muon_megatron as mm
 from muon_megatron.distributed import (
@@ -18,6 +19,8 @@ from muon_megatron.distributed import (
     holdings,
     make_plan,
     ns_flops,
+    tensor_parallel_full_shape,
+    tensor_parallel_shard,
 )
 
 
@@ -151,3 +154,19 @@ def test_bucketed_layouts_cover_every_muon_element_once():
     plan = _plan_of(per_rank)  # make_plan validates the tiling
     assert len(plan.matrices) == 10
     assert sum(lay.numel for ls in per_rank for lay in ls) == 10 * 1500
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_tensor_parallel_shard_is_the_chunk_torch_cuts(dim):
+    full = torch.arange(12 * 20).reshape(12, 20)
+    for rank, chunk in enumerate(full.chunk(4, dim=dim)):
+        assert tensor_parallel_full_shape(chunk.shape, dim, 4) == (12, 20)
+        r, c, h, w = tensor_parallel_shard((12, 20), dim, 4, rank)
+        assert torch.equal(full[r : r + h, c : c + w], chunk)
+    assert tensor_parallel_shard((12, 20), None, 4, 1) is None and tensor_parallel_shard((12, 20), 0, 1, 0) is None
+
+
+@pytest.mark.parametrize("args", [((12, 20), 2, 2, 0), ((12, 20), 0, 5, 0), ((12, 20), 1, 2, 2)])
+def test_tensor_parallel_shard_refuses_uneven_or_unknown_cuts(args):
+    with pytest.raises(ValueError, match="tensor-parallel shards"):
+        tensor_parallel_shard(*args)

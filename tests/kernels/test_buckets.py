@@ -1,10 +1,10 @@
-"""The bucket planner: coverage, orientation, chunking, and exactness of zero padding."""
+"""Newton-Schulz buckets: coverage, orientation, chunking, and exactness of zero padding."""
 
 import pytest
 import torch
 
 from muon_megatron.core import newton_schulz
-from muon_megatron.kernels import ns_flops, plan_buckets
+from muon_megatron.kernels import ns_flops, ns_buckets
 
 MOONLIGHT_LAYER = [(3072, 2048), (576, 2048), (4096, 512), (2048, 2048), (64, 2048)] + [(1408, 2048)] * 128 + [
     (2048, 1408)] * 64 + [(2816, 2048)] * 2 + [(2048, 2816)]
@@ -15,12 +15,12 @@ def covered(plan):
 
 
 def test_every_matrix_is_planned_exactly_once():
-    plan = plan_buckets(MOONLIGHT_LAYER * 2)
+    plan = ns_buckets(MOONLIGHT_LAYER * 2)
     assert covered(plan) == list(range(2 * len(MOONLIGHT_LAYER)))
 
 
 def test_buckets_never_mix_orientations():
-    plan = plan_buckets(MOONLIGHT_LAYER, launch_cost_flops=1e15)
+    plan = ns_buckets(MOONLIGHT_LAYER, launch_cost_flops=1e15)
     for b in plan.buckets:
         tall = {s[0] > s[1] for s in b.shapes}
         assert tall == {b.shape[0] > b.shape[1]}
@@ -28,23 +28,23 @@ def test_buckets_never_mix_orientations():
 
 
 def test_without_launch_cost_no_group_is_padded():
-    plan = plan_buckets(MOONLIGHT_LAYER, launch_cost_flops=0.0)
+    plan = ns_buckets(MOONLIGHT_LAYER, launch_cost_flops=0.0)
     assert not any(b.padded for b in plan.buckets)
 
 
 def test_small_groups_merge_when_launch_cost_dominates():
-    plan = plan_buckets([(8, 64), (16, 64), (16, 64)], launch_cost_flops=1e12)
+    plan = ns_buckets([(8, 64), (16, 64), (16, 64)], launch_cost_flops=1e12)
     assert len(plan.buckets) == 1 and plan.buckets[0].shape == (16, 64) and plan.buckets[0].padded
 
 
 def test_large_groups_are_chunked_to_max_batch_in_input_order():
-    plan = plan_buckets([(14, 20)] * 300, max_batch=128)
+    plan = ns_buckets([(14, 20)] * 300, max_batch=128)
     assert [b.batch for b in plan.buckets] == [100, 100, 100]
     assert [i for b in plan.buckets for i in b.indices] == list(range(300))
 
 
 def test_useful_flops_count_the_unpadded_shapes():
-    plan = plan_buckets([(8, 64), (16, 64)], launch_cost_flops=1e12)
+    plan = ns_buckets([(8, 64), (16, 64)], launch_cost_flops=1e12)
     b = plan.buckets[0]
     assert b.useful_flops() == ns_flops(8, 64) + ns_flops(16, 64) < b.flops()
     assert ns_flops(1408, 2048) == 5 * (4 * 1408**2 * 2048 + 2 * 1408**3)
@@ -64,6 +64,6 @@ def test_zero_padding_leaves_newton_schulz_unchanged(shape, padded):
 
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="max_batch"):
-        plan_buckets([(2, 2)], max_batch=0)
+        ns_buckets([(2, 2)], max_batch=0)
     with pytest.raises(ValueError, match="empty"):
-        plan_buckets([(0, 2)])
+        ns_buckets([(0, 2)])

@@ -10,7 +10,7 @@ from muon_megatron.kernels import (
     check_backend_name,
     orthogonalize_grouped,
     orthogonalizer,
-    plan_buckets,
+    ns_buckets,
 )
 from muon_megatron.kernels.select import MIN_TIMED_FLOPS, bucket_flops
 
@@ -18,9 +18,9 @@ from muon_megatron.kernels.select import MIN_TIMED_FLOPS, bucket_flops
 def test_grouped_equals_each_matrix_alone_in_float64():
     shapes = [(8, 40), (16, 40), (40, 16), (16, 40), (24, 24), (8, 40)]
     mats = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    plan = plan_buckets(shapes, launch_cost_flops=1e12)
+    plan = ns_buckets(shapes, launch_cost_flops=1e12)
     assert any(b.padded for b in plan.buckets)
-    outs = orthogonalize_grouped(mats, dtype=torch.float64, plan=plan)
+    outs = orthogonalize_grouped(mats, dtype=torch.float64, buckets=plan)
     for M, O in zip(mats, outs):
         assert O.shape == M.shape
         assert torch.allclose(O, newton_schulz(M, dtype=torch.float64), rtol=0, atol=1e-12)
@@ -50,8 +50,8 @@ def test_auto_string_needs_a_chooser():
 def test_rejects_3d_inputs_and_mismatched_plans():
     with pytest.raises(ValueError, match="2-D"):
         orthogonalize_grouped([torch.randn(2, 4, 8)])
-    with pytest.raises(ValueError, match="plan covers"):
-        orthogonalize_grouped([torch.randn(4, 8)], plan=plan_buckets([(4, 8), (4, 8)]))
+    with pytest.raises(ValueError, match="buckets cover"):
+        orthogonalize_grouped([torch.randn(4, 8)], buckets=ns_buckets([(4, 8), (4, 8)]))
 
 
 def test_bucket_flops_is_the_dense_newton_schulz_count():
@@ -76,17 +76,26 @@ def test_chooser_does_not_time_launch_bound_buckets_on_cuda(monkeypatch):
     assert BackendChooser(min_timed_flops=0).min_timed_flops == 0
 
 
-def test_adapter_orthogonalizers():
+def test_torch_backend_name_selects_the_cores_batched_path():
     assert orthogonalizer("torch") is None
+
+
+def test_auto_backend_off_cuda_is_the_cores_batched_path_bit_for_bit():
     auto = orthogonalizer("auto")
     assert isinstance(auto, AutoOrthogonalizer)
     mats = [torch.randn(24, 40) for _ in range(3)]
-    # off CUDA "auto" is the core's batched path, bit for bit
     for got, want in zip(auto(mats, dtype=torch.float32), orthogonalize_batched(mats, dtype=torch.float32)):
         assert torch.equal(got, want)
+
+
+def test_a_registry_backend_name_runs_that_backend_for_every_bucket():
+    mats = [torch.randn(24, 40) for _ in range(3)]
     fixed = orthogonalizer("torch_reference")
     for M, got in zip(mats, fixed(mats, steps=5, coefficients="moonlight", dtype=torch.float64)):
         assert torch.allclose(got, newton_schulz(M.double(), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_unknown_backend_names_are_refused_naming_the_option():
     with pytest.raises(ValueError, match="ns_backend 'cublas'.*triton_symmetric"):
         orthogonalizer("cublas")
     with pytest.raises(ValueError, match="--muon-ns-backend 'x'"):

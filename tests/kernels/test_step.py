@@ -28,7 +28,7 @@ def test_runtime_matches_core_muon_in_float64(nesterov):
     ours = [p.clone() for p in p0]
     rt = MuonStepRuntime(ours, ns_dtype=torch.float64, nesterov=nesterov, backend="torch_batched",
                          launch_cost_flops=1e12)
-    assert any(b.padded for b in rt.plan.buckets)  # the padded path is exercised
+    assert any(b.padded for b in rt.buckets.buckets)  # the padded path is exercised
     for grads in steps:
         rt.step_(grads, lr=0.02, weight_decay=0.1)
     # Newton-Schulz runs in float64 on both sides; what differs is fp32 storage (the core's

@@ -50,7 +50,9 @@ def test_symmetric_product_one_triangle_matches_float64_on_all_tiles():
     """)
 
 
-def test_fused_elementwise_step_equals_foreach_step():
+def test_triton_elementwise_kernels_equal_the_core_update_functions():
+    """The Triton momentum/apply kernels are a backend of the core's momentum_, decay_ and
+    apply_orthogonal_, which the foreach path of MuonStepRuntime calls: both give the same step."""
     run_interpreted("""
         import torch
         from muon_megatron.kernels import MuonStepRuntime
@@ -63,7 +65,7 @@ def test_fused_elementwise_step_equals_foreach_step():
         kw = dict(backend="torch_batched", ns_dtype=torch.float32, launch_cost_flops=1e12)
         A = MuonStepRuntime(pa, elementwise="foreach", **kw)
         B = MuonStepRuntime(pb, elementwise="triton", **kw)
-        assert any(b.padded for b in B.plan.buckets)
+        assert any(b.padded for b in B.buckets.buckets)
         assert any(t.transposed for t in B._tables) and any(not t.transposed for t in B._tables)
         for _ in range(3):
             grads = [torch.randn(s) for s in shapes]
