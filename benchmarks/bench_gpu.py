@@ -246,8 +246,8 @@ def bench_step(args, dev, deepspeed_only=False):
                                 dev))
         RESULTS["optimizer_step"]["chooser_table"] = chooser.table
         # Where our step's time goes: Newton-Schulz of each bucket alone, on its chosen backend.
-        from muon_megatron.kernels import plan_buckets
-        plan = plan_buckets([tuple(w.shape) for w in W0])
+        from muon_megatron.kernels import ns_buckets
+        plan = ns_buckets([tuple(w.shape) for w in W0])
         ns_ms = []
         for bucket in plan.buckets:
             name = chooser.choose(bucket.batch, *bucket.shape, device=dev)

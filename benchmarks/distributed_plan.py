@@ -33,12 +33,12 @@ def param_specs(model):
     Engine's grouped experts and DeepSpeed's expert modules hold them)."""
     out = []
     for w in weights(model):
-        if w.muon and isinstance(w.split, ExpertStack):
+        if w.use_muon and isinstance(w.split, ExpertStack):
             inner = w.split.inner
             for e in range(w.shape[0]):
                 out.append(ParamSpec(f"{w.name}.weight{e}", w.shape[1:], inner or Whole(), True))
         else:
-            out.append(ParamSpec(w.name, w.shape, w.split if w.muon else None, w.muon))
+            out.append(ParamSpec(w.name, w.shape, w.split if w.use_muon else None, w.use_muon))
     return out
 
 

@@ -29,7 +29,7 @@ from muon_megatron.models import get_model, weights
 def muon_specs(model_name: str) -> list[ParamSpec]:
     out = []
     for w in weights(get_model(model_name)):
-        if not w.muon:
+        if not w.use_muon:
             continue
         if isinstance(w.split, ExpertStack):
             out += [ParamSpec(f"{w.name}.weight{e}", w.shape[1:], w.split.inner or Whole()) for e in range(w.shape[0])]

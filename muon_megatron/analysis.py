@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Mapping, Optional, Sequence
+from typing import Mapping
 
 import torch
 
@@ -170,13 +170,3 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, args.plot)
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="muon-megatron analyze", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

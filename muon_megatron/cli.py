@@ -44,10 +44,11 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "demo": Subcommand("muon_megatron.demo", "Moonlight-mini (or a byte-level LM) on the Python stdlib through an engine adapter: Muon vs AdamW"),
-    "plan": Subcommand("muon_megatron.planner", "Muon's per-rank memory, Newton-Schulz work and traffic for a Megatron layout"),
+    "demo": Subcommand("muon_megatron.demo.command", "Moonlight-mini (or a byte-level LM) on the Python stdlib through an engine adapter: Muon vs AdamW"),
+    "plan": Subcommand("muon_megatron.sizing", "Muon's per-rank memory, Newton-Schulz work and traffic for a Megatron layout"),
     "analyze": Subcommand("muon_megatron.analysis", "SVD entropy of a checkpoint's weight matrices (Moonlight's comparison)"),
     "megatron": Subcommand("muon_megatron.megatron.launch", "run a Megatron training script with --optimizer muon installed"),
+    "deepspeed": Subcommand("muon_megatron.deepspeed.launch", "run a DeepSpeed or Hugging Face training script with \"type\": \"muon\" meaning muon_megatron's Muon"),
     "patch": Subcommand("muon_megatron.patch_cli", "check, apply or revert the --optimizer muon patch on a Megatron or DeepSpeed tree"),
 }
 

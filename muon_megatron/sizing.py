@@ -46,7 +46,9 @@ import sys
 from dataclasses import replace, asdict, dataclass, field
 from typing import Optional, Sequence
 
-from .distributed.layout import AlignItem, ParamLayout, ParamSpec, aligned_layout, bucketed_layouts, flat_layouts, holdings
+from .distributed.layout import (
+    AlignItem, ParamLayout, ParamSpec, aligned_layout, bucketed_layouts, flat_layouts, holdings, tensor_parallel_shard,
+)
 from .distributed.plan import make_plan, ns_flops
 from .core.splits import ExpertStack, GateUp, SplitSpec, Whole
 from .models.spec import ModelSpec, Weight, count_params, weights
@@ -143,7 +145,7 @@ class _Local:
     full_shape: tuple[int, int]
     split: SplitSpec
     shard: tuple[int, int, int, int]
-    muon: bool
+    use_muon: bool
 
     @property
     def numel(self) -> int:
@@ -151,13 +153,7 @@ class _Local:
 
 
 def _shard(rows: int, cols: int, dim: Optional[int], size: int, index: int) -> tuple[int, int, int, int]:
-    if dim is None or size == 1:
-        return (0, 0, rows, cols)
-    if dim == 0:
-        h = rows // size
-        return (index * h, 0, h, cols)
-    w = cols // size
-    return (0, index * w, rows, w)
+    return tensor_parallel_shard((rows, cols), dim, size, index) or (0, 0, rows, cols)
 
 
 def _dense_local(w: Weight, tp: int, t: int) -> _Local:
@@ -165,7 +161,7 @@ def _dense_local(w: Weight, tp: int, t: int) -> _Local:
         return _Local(w.name, (1, w.shape[0]), Whole(), (0, 0, 1, w.shape[0]), False)
     rows, cols = w.shape
     split = GateUp(num_shards=tp) if isinstance(w.split, GateUp) else (w.split or Whole())
-    return _Local(w.name, (rows, cols), split, _shard(rows, cols, w.tp_dim, tp, t), w.muon)
+    return _Local(w.name, (rows, cols), split, _shard(rows, cols, w.tp_dim, tp, t), w.use_muon)
 
 
 def _expert_locals(w: Weight, experts: range, etp: int, e: int) -> list[_Local]:
@@ -177,7 +173,7 @@ def _expert_locals(w: Weight, experts: range, etp: int, e: int) -> list[_Local]:
     out = []
     for g in experts:
         key = w.name.replace("mlp.experts.", f"mlp.experts.expert{g}.") + ".weight"
-        out.append(_Local(key, (rows, cols), split, _shard(rows, cols, w.tp_dim, etp, e), w.muon))
+        out.append(_Local(key, (rows, cols), split, _shard(rows, cols, w.tp_dim, etp, e), w.use_muon))
     return out
 
 
@@ -191,8 +187,8 @@ def _buffer_layouts(
         # Muon tensors in a buffer of their own ordered by aligned_layout (each matrix whole on one
         # rank but for oversized ones); AdamW tensors flatly sharded in another, as Megatron keeps
         # separate buckets and DeepSpeed separate param groups.
-        muon = [loc for loc in locals_ if loc.muon]
-        adamw = [loc for loc in locals_ if not loc.muon]
+        muon = [loc for loc in locals_ if loc.use_muon]
+        adamw = [loc for loc in locals_ if not loc.use_muon]
         items = [
             AlignItem.of(loc.key, loc.full_shape, loc.split) if loc.shard[2:] == loc.split.view_shape(loc.full_shape)
             else AlignItem(loc.key, loc.numel, ns_flops(*loc.shard[2:]))
@@ -220,13 +216,13 @@ def _buffer_layouts(
         out = []
         for pl in layouts:
             loc = by_key[pl.key]
-            out.append((ParamLayout(loc.key, loc.full_shape, loc.split, loc.shard, pl.flat_range), loc.muon))
+            out.append((ParamLayout(loc.key, loc.full_shape, loc.split, loc.shard, pl.flat_range), loc.use_muon))
         per_rank.append(out)
     return per_rank, -(-sum(loc.numel for loc in locals_) // group) * group
 
 
 @dataclass
-class PlanReport:
+class SizingReport:
     """The planner's figures for one model and layout (see the module docstring for units)."""
 
     model: str
@@ -256,8 +252,8 @@ class PlanReport:
         return out
 
 
-def plan_model(spec: ModelSpec, par: ParallelConfig, *, ns_steps: int = 5, tflops: float = 400.0,
-               grad_bytes: int = 4, param_bytes: int = 2, ns_bytes: int = 2) -> PlanReport:
+def size_model(spec: ModelSpec, par: ParallelConfig, *, ns_steps: int = 5, tflops: float = 400.0,
+               grad_bytes: int = 4, param_bytes: int = 2, ns_bytes: int = 2) -> SizingReport:
     """Simulate ``spec`` under ``par`` and plan Muon with the distributed engine's planner."""
     par.validate_for(spec)
     T, D, E, ETP = par.tp, par.dp, par.ep, par.etp
@@ -328,7 +324,7 @@ def plan_model(spec: ModelSpec, par: ParallelConfig, *, ns_steps: int = 5, tflop
     total_flops = sum(flops)
     comm = [round(c) + x for c, x in zip(engine_comm, exchange)]
     mean = total_flops / n
-    return PlanReport(
+    return SizingReport(
         model=spec.name,
         layout=asdict(par),
         world_size=world,
@@ -368,8 +364,7 @@ def _account(numel: int, muon: bool, muon_state: list, adamw_state: list, rank: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: ``muon-megatron plan`` (registered in muon_megatron.cli) or
-# ``python -m muon_megatron.planner``.
+# Command line: ``muon-megatron plan`` (registered in muon_megatron.cli).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -402,8 +397,8 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
-def format_report(r: PlanReport) -> str:
-    """The human-readable table of a :class:`PlanReport`."""
+def format_report(r: SizingReport) -> str:
+    """The human-readable table of a :class:`SizingReport`."""
     lay = r.layout
     lines = [
         f"{r.model}: {r.total_params / 1e9:.2f} B parameters, {r.active_params / 1e9:.2f} B active per token",
@@ -452,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         par = ParallelConfig(tp=pick("tp"), pp=pick("pp"), ep=pick("ep"), etp=pick("etp"), dp=args.dp,
                              layout=args.layout, first_stage_layers=args.first_stage_layers)
-        report = plan_model(spec, par, ns_steps=args.ns_steps, tflops=args.tflops)
+        report = size_model(spec, par, ns_steps=args.ns_steps, tflops=args.tflops)
     except ValueError as err:
         print(f"muon-megatron plan: error: {err}", file=sys.stderr)
         return 2
@@ -461,13 +456,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="muon-megatron plan", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

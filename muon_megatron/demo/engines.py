@@ -1,4 +1,4 @@
-"""``muon-megatron demo --model moonlight-mini``: Moonlight-mini through an engine adapter.
+"""The demo's engine runners and its one training loop.
 
 The model is :data:`muon_megatron.models.MOONLIGHT_MINI` (MLA, the first layer dense, then MoE
 layers with shared experts and a sigmoid router with aux-loss-free expert bias, byte vocabulary),
@@ -20,11 +20,13 @@ with the same lr schedule and weight decay (Moonlight, arXiv 2502.16982, section
 Each engine is a small runner (``train_step(batch, lr) -> loss``, ``evaluate(batches)``) driven by
 one loop, so the curves of different engines are comparable step for step. The torch and
 DeepSpeed runs start from the same weights (same seed, same module); megatron-core initialises its
-own weights, so its curves are comparable to each other, not bitwise to the others'.
+own weights, so its curves are comparable to each other, not bitwise to the others'. ``byte-lm``
+(:mod:`.byte_lm`) has a runner of its own in plain torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -33,6 +35,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from .data import lr_factor, sample_batch
+from .report import run_result
 
 ENGINES = ("auto", "torch", "deepspeed", "megatron")
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.95), 1e-8
@@ -92,12 +97,41 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+class ByteLMRunner:
+    """``--model byte-lm``: :class:`.byte_lm.ByteLM` with muon_megatron.Muon or torch AdamW."""
+
+    def __init__(self, name: str, args, device: torch.device):
+        from .byte_lm import ByteLM, ModelConfig, make_optimizer
+
+        torch.manual_seed(args.seed)  # same initial weights for every optimizer
+        cfg = ModelConfig(d_model=args.d_model, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
+        self.model = ByteLM(cfg).to(device)
+        self.optimizer = make_optimizer(name, self.model, args.lr, args.weight_decay, args.ns_dtype_resolved)
+        self.device = device
+
+    def train_step(self, batch: torch.Tensor, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.model.loss(batch.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor]) -> float:
+        self.model.eval()
+        loss = sum(float(self.model.loss(b.to(self.device))) for b in batches) / len(batches)
+        self.model.train()
+        return loss
+
+
 class TorchRunner:
     """MoonlightModel with muon_megatron.Muon or torch AdamW, in this process."""
 
     def __init__(self, name: str, spec, args, device: torch.device):
-        from .core import Muon, muon_param_groups
-        from .models.torch_model import MoonlightModel
+        from ..core import Muon, muon_param_groups
+        from ..models.torch_model import MoonlightModel
 
         torch.manual_seed(args.seed)  # same initial weights for every optimizer
         self.model = MoonlightModel(spec).to(device)
@@ -158,8 +192,8 @@ class DeepSpeedRunner(TorchRunner):
     """The same MoonlightModel through muon_megatron.deepspeed.initialize, ZeRO stage 1."""
 
     def __init__(self, name: str, spec, args, device: torch.device):
-        from . import deepspeed as mmds
-        from .models.torch_model import MoonlightModel
+        from .. import deepspeed as mmds
+        from ..models.torch_model import MoonlightModel
 
         start_deepspeed_world()
         torch.manual_seed(args.seed)
@@ -205,8 +239,8 @@ class MegatronRunner:
         from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from .megatron import MuonSettings, get_muon_optimizer
-        from .models.megatron_config import build_gpt_model
+        from ..megatron import MuonSettings, get_muon_optimizer
+        from ..models.megatron_config import build_gpt_model
 
         if not torch.distributed.is_initialized():
             for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -266,11 +300,14 @@ RUNNERS = {"torch": TorchRunner, "deepspeed": DeepSpeedRunner, "megatron": Megat
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def train_one(name: str, engine: str, spec, args, train, val_batches, device, progress) -> dict:
-    """Train one model with optimizer ``name`` on ``engine``; the curves as the byte-level demo's."""
-    from .demo import lr_factor, run_result, sample_batch
-
-    runner = RUNNERS[engine](name, spec, args, device)
+def train_one(name: str, engine: str, spec, args, train, val_batches, device, progress, *,
+              lr: float | None = None) -> dict:
+    """Train one model (``spec``: a Moonlight-family spec, or ``"byte-lm"``) with optimizer ``name``
+    on ``engine`` at peak lr ``lr`` (default ``args.lr``): the same batches, schedule and
+    evaluations (every ``args.eval_every`` steps and after the last) for every optimizer and engine."""
+    if lr is not None and lr != getattr(args, "lr", None):
+        args = argparse.Namespace(**{**vars(args), "lr": lr})  # the runners read args.lr
+    runner = ByteLMRunner(name, args, device) if spec == "byte-lm" else RUNNERS[engine](name, spec, args, device)
     warmup = max(1, int(args.steps * args.warmup))
     data_gen = torch.Generator().manual_seed(args.seed + 1)  # same batches for every optimizer
     train_curve, val_curve = [], [(0, runner.evaluate(val_batches))]
@@ -288,18 +325,19 @@ def train_one(name: str, engine: str, spec, args, train, val_batches, device, pr
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val_curve.append((step + 1, runner.evaluate(val_batches)))
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_curve[-1][1]:.3f}")
-    return run_result(name, train_curve, val_curve, time.perf_counter() - start, durations) | {"engine": engine}
+    return run_result(name, train_curve, val_curve, time.perf_counter() - start, durations) | {"engine": engine,
+                                                                                               "lr": args.lr}
 
 
 def model_spec(args):
     """Moonlight-mini at the demo's sequence length."""
-    from .models import get_model
+    from ..models import get_model
 
     spec = get_model(args.model)
     return spec.replace(seq_length=max(spec.seq_length, args.seq_len))
 
 
 def parameter_count(spec) -> int:
-    from .models import count_params
+    from ..models import count_params
 
     return count_params(spec).total

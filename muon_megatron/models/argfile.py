@@ -8,7 +8,7 @@ knows the few flags it needs and Megatron's defaults for them.
 
 Supported: MLA models (``--multi-latent-attention``), dense or MoE with ``--moe-layer-freq``
 given as an integer or a Python-style list such as ``[0]+[1]*26``. A model without MLA is
-refused with a message (the planner describes Moonlight-family models only).
+refused with a message (``muon-megatron plan`` describes Moonlight-family models only).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def spec_from_megatron_args(args: Sequence[str], *, name: str = "from-megatron-a
     ns, _ = _parser().parse_known_args(list(args))
     if not ns.multi_latent_attention:
         raise ValueError(
-            "the Megatron arguments describe a model without --multi-latent-attention; the planner's model "
+            "the Megatron arguments describe a model without --multi-latent-attention; the sizing's model "
             "descriptions cover Moonlight-family (MLA) models only"
         )
     num_layers = _int(ns, "num_layers", "--num-layers", required=True)

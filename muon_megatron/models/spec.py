@@ -3,7 +3,7 @@
 A :class:`ModelSpec` holds the architecture; :func:`weights` lists every trainable weight as a
 :class:`Weight`, named as megatron-core's ``GPTModel`` names it, with the split spec that says
 which logical matrices it holds, how tensor parallelism cuts it and how many of its logical
-matrices each token uses. Parameter counts, the planner and the Megatron config builder all read
+matrices each token uses. Parameter counts, the sizing (``muon-megatron plan``) and the Megatron config builder all read
 this one list. Imports torch only through :mod:`muon_megatron.core`.
 
 Conventions (megatron-core ``GPTModel`` with a local or Transformer Engine layer spec):
@@ -153,7 +153,7 @@ class ModelSpec:
 class Weight:
     """One trainable tensor of the model.
 
-    ``split`` gives its logical matrices (``split.matrices(shape)``); ``muon`` says whether
+    ``split`` gives its logical matrices (``split.matrices(shape)``); ``use_muon`` says whether
     Moonlight's routing rule sends it to Muon; ``tp_dim`` how tensor parallelism cuts the full
     tensor (0 rows, 1 columns, None replicated; for an expert stack, the dims of each expert);
     ``expert`` whether expert parallelism cuts it (routed experts); ``active_fraction`` the share
@@ -164,7 +164,7 @@ class Weight:
     name: str
     shape: tuple[int, ...]
     split: Optional[SplitSpec]
-    muon: bool
+    use_muon: bool
     tp_dim: Optional[int]
     expert: bool = False
     active_fraction: float = 1.0
@@ -184,7 +184,7 @@ class Weight:
 
     def matrices(self):
         """The logical matrices Muon orthogonalises (empty for an AdamW weight)."""
-        return self.split.matrices(self.shape) if self.muon else ()
+        return self.split.matrices(self.shape) if self.use_muon else ()
 
 
 def _layer_weights(spec: ModelSpec, i: int) -> list[Weight]:
@@ -269,7 +269,7 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     ws = weights(spec)
     total = sum(w.numel for w in ws)
     active = round(sum(w.active_numel for w in ws))
-    matrix = [w for w in ws if w.muon]
+    matrix = [w for w in ws if w.use_muon]
     emb = sum(w.numel for w in ws if w.kind in ("embedding", "head"))
     return ParamCounts(
         total=total,
@@ -278,5 +278,5 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         matrix_active=round(sum(w.active_numel for w in matrix)),
         embedding=emb,
         muon=sum(w.numel for w in matrix),
-        adamw=sum(w.numel for w in ws if not w.muon),
+        adamw=sum(w.numel for w in ws if not w.use_muon),
     )

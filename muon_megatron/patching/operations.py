@@ -65,6 +65,8 @@ class Report:
             f"patch set {self.patch_set.name} ({self.patch_set.engine} {self.patch_set.range_text}; "
             f"verified on {', '.join(self.patch_set.verified) or 'none'})",
         ]
+        if self.patch_set.checked:
+            lines.append(f"checked by hand on {'; '.join(self.patch_set.checked)}")
         lines += [f"  {h.describe()}" for h in self.hunks]
         lines += [f"  {path}: absent in this tree (optional), skipped" for path in self.skipped]
         if self.ok:

@@ -6,6 +6,7 @@ Each folder holds a ``patchset.json``::
       "engine": "megatron-core",               # or "deepspeed"
       "versions": [">=0.16.0", "<0.20.0"],      # the release line (patch number included)
       "verified": ["0.16.1", "0.19.2"],         # releases the tests apply it to
+      "checked": ["Megatron-LM main abc123"],   # optional: trees checked by hand, not in CI
       "patches": ["get_megatron_optimizer.patch", "training_arguments.patch"],
       "optional_files": ["megatron/training/arguments.py"]
     }
@@ -17,8 +18,9 @@ no ``megatron/training``): its hunks are then skipped, and the report says so.
 To add a release line: make a folder with the manifest, its diffs and a README (see
 ``docs/patches.md``, "Regenerating a patch"); nothing in this module changes.
 
-Where the folders are looked for: ``$MUON_MEGATRON_PATCHES`` if set, else ``patches/`` next to the
-``muon_megatron`` package (a source checkout).
+Where the folders are looked for: ``$MUON_MEGATRON_PATCHES`` if set; else ``muon_megatron/patch_sets``
+in an installed wheel (the build ships the repository's ``patches/`` there, see ``pyproject.toml``);
+else ``patches/`` next to the ``muon_megatron`` package (a source checkout).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class PatchSet:
     verified: tuple[str, ...]
     patch_files: tuple[Path, ...]
     optional_files: frozenset
+    checked: tuple[str, ...] = ()
+    """Source trees the set was checked on by hand (e.g. a development branch at a commit), which
+    the tests cannot download; free text, shown beside ``verified``."""
 
     def covers(self, release: Release) -> bool:
         return release.engine == self.engine and self.lowest.numbers <= release.version.numbers < self.below.numbers
@@ -71,10 +76,13 @@ class PatchSet:
 
 
 def default_patch_root() -> Path:
+    """Where the patch-set folders are (see the module docstring)."""
     env = os.environ.get("MUON_MEGATRON_PATCHES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "patches"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "patch_sets"
+    return installed if installed.is_dir() else package.parent / "patches"
 
 
 def _bound(spec: str, op: str) -> Version:
@@ -105,6 +113,7 @@ def load_patch_set(folder: Path) -> PatchSet:
         name=folder.name, folder=folder, engine=engine, lowest=lowest, below=below,
         verified=tuple(manifest.get("verified", [])), patch_files=files,
         optional_files=frozenset(manifest.get("optional_files", [])),
+        checked=tuple(manifest.get("checked", [])),
     )
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from muon_megatron import demo_engines
+from muon_megatron.demo import engines as demo_engines
 
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")

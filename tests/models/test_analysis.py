@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from muon_megatron import analysis
+from muon_megatron import cli, analysis
 
 
 def test_svd_entropy_is_one_for_an_orthogonal_matrix_and_zero_for_rank_one():
@@ -38,7 +38,7 @@ def test_cli_reads_nested_checkpoints_prints_and_writes_json_and_png(tmp_path, c
     high = {"layers.0.w": torch.linalg.qr(torch.randn(16, 16))[0]}
     torch.save({"model": low}, tmp_path / "a.pt")
     torch.save({"state_dict": high}, tmp_path / "b.pt")
-    status = analysis.main([str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--labels", "adamw", "muon",
+    status = cli.main(["analyze", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--labels", "adamw", "muon",
                             "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")])
     assert status == 0
     assert "layers.*.w" in capsys.readouterr().out
@@ -48,5 +48,5 @@ def test_cli_reads_nested_checkpoints_prints_and_writes_json_and_png(tmp_path, c
 
 
 def test_cli_missing_checkpoint_exits_2(tmp_path, capsys):
-    assert analysis.main([str(tmp_path / "missing.pt")]) == 2
+    assert cli.main(["analyze", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err

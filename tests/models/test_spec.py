@@ -35,13 +35,13 @@ def test_moonlight_has_4992_routed_expert_matrices_of_1408_by_2048_holding_92_pe
 def test_every_muon_weight_is_tiled_exactly_by_its_logical_matrices():
     for spec in MODELS.values():
         for w in weights(spec):
-            if w.muon:
+            if w.use_muon:
                 check_tiling(w.matrices(), w.split.view_shape(w.shape), w.name)
 
 
 def test_embeddings_head_and_norms_go_to_adamw_and_every_matrix_to_muon():
     for w in weights(MOONLIGHT_16B_A3B):
-        assert w.muon == (w.kind not in ("embedding", "head", "norm")), w.name
+        assert w.use_muon == (w.kind not in ("embedding", "head", "norm")), w.name
 
 
 def test_mini_keeps_the_family():
