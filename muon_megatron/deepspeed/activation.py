@@ -17,15 +17,27 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..core.qk_clip import QKClipLayer
 from ..core.routing import muon_param_groups
 from ..core.splits import SplitSpec
-from .config import MuonConfig, load_config, split_config
+from .config import MuonConfig, load_config, split_config, wants_our_muon, zero_stage
 from .optimizer import DeepSpeedMuon
-from .translate import check_model, describe, expert_group_name, guard_zero_checkpoint_loading
+from .qk_clip import QKClip, check_parallelism, resolve_layers
+from .translate import (
+    TensorParallel,
+    check_model,
+    check_tensor_parallel_zero3,
+    data_parallel_group,
+    describe,
+    expert_group_name,
+    guard_zero_checkpoint_loading,
+    install_zero3_universal_loading,
+    shape_view,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +60,13 @@ def build_param_groups(
     """Moonlight routing (:func:`muon_megatron.muon_param_groups`) of ``model``'s trainable
     parameters, limited to ``model_parameters`` when given (tensors only), with DeepSpeed MoE
     expert parameters in groups of their own (``moe=True``, ``name`` = their expert group), as
-    DeepSpeed's ZeRO requires."""
-    groups = muon_param_groups(model, adamw=config.adamw, muon=config.muon, splits=splits)
+    DeepSpeed's ZeRO requires. Parameters partitioned by ZeRO-3 (a model built under
+    ``deepspeed.zero.Init``) are routed by their real shapes, ``ds_shape``."""
+    view = shape_view(model)
+    groups = muon_param_groups(view[0] if view else model, adamw=config.adamw, muon=config.muon, splits=splits)
+    if view is not None:
+        for g in groups:
+            g["params"] = [view[1][id(p)] for p in g["params"]]
     if model_parameters is not None:
         chosen = list(model_parameters)
         if any(isinstance(p, dict) for p in chosen):
@@ -78,15 +95,19 @@ def build_param_groups(
 
 
 def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=None, model_parameters=None,
-               *, config=None, config_params=None, splits: Optional[Mapping[str, SplitSpec]] = None, **kwargs):
+               *, config=None, config_params=None, splits: Optional[Mapping[str, SplitSpec]] = None,
+               qk_clip_layers: Optional[Sequence[QKClipLayer]] = None, **kwargs):
     """``deepspeed.initialize`` with ``"type": "muon"`` meaning muon_megatron's Muon.
 
     Same arguments and return value as ``deepspeed.initialize``; ``splits`` maps parameter-name
-    patterns to :class:`SplitSpec` (e.g. a fused QKV weight). With our Muon selected the config's
+    patterns to :class:`SplitSpec` (e.g. a fused QKV weight); ``qk_clip_layers`` declares the
+    model's attention layers for QK-Clip (``optimizer.params.qk_clip_threshold``) when the model
+    has no ``qk_clip_layers()`` method of its own (see :mod:`.qk_clip`). With our Muon selected the config's
     optimizer section is read into a :class:`MuonConfig`, a :class:`DeepSpeedMuon` is passed to
     DeepSpeed as the client optimizer, and once the engine exists it is bound to DeepSpeed's
-    partitions. Raises ValueError at once for unsupported settings (ZeRO-3, offload) and for
-    ``optimizer=`` given together with a ``"muon"`` config.
+    partitions. Raises ValueError at once for unsupported settings (see
+    :func:`.config.check_supported`; ZeRO-3 with a tensor-parallel ``mpu``) and for ``optimizer=``
+    given together with a ``"muon"`` config.
     """
     ds_init = _deepspeed_initialize()
     if config is None and config_params is not None:
@@ -97,7 +118,11 @@ def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=Non
         args.deepspeed_config = None
     if config is None:
         return ds_init(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, **kwargs)
-    ds_config, muon = split_config(load_config(config))
+    loaded = load_config(config)
+    notice = builtin_muon_notice(loaded)
+    if notice:
+        logger.warning(notice)
+    ds_config, muon = split_config(loaded)
     if muon is None:
         return ds_init(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                        config=ds_config, **kwargs)
@@ -109,16 +134,47 @@ def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=Non
     if model is None:
         raise ValueError("initialize needs model= to route its parameters between Muon and AdamW")
     check_model(model)
+    check_tensor_parallel_zero3(kwargs.get("mpu"), zero_stage(ds_config))
     groups = build_param_groups(model, muon, splits=splits, model_parameters=model_parameters)
+    layers = None
+    if muon.qk_clip:
+        check_parallelism(tensor_parallel_size=TensorParallel.from_mpu(kwargs.get("mpu")).size,
+                          sequence_parallel_size=int(ds_config.get("sequence_parallel_size", 1) or 1))
+        layers = resolve_layers(model, qk_clip_layers, groups)
+    elif qk_clip_layers is not None:
+        logger.warning("muon_megatron: qk_clip_layers given but optimizer.params.qk_clip_threshold is not set: QK-Clip "
+                       "is off")
     client = DeepSpeedMuon(groups, muon)
     engine, ds_optimizer, loader, scheduler = ds_init(args=args, model=model, optimizer=client, config=ds_config,
                                                       **kwargs)
     pieces, wrapper = describe(engine, client)
     client.bind(pieces, wrapper)
-    if wrapper in ("ZeRO-1", "ZeRO-2"):
+    if layers is not None:
+        # the engine may take sequence parallelism from an mpu rather than the config
+        check_parallelism(sequence_parallel_size=int(getattr(engine, "sequence_parallel_size", 1)))
+        qk_clip = QKClip(layers, muon, engine=engine, pieces=pieces, process_group=data_parallel_group(engine))
+        qk_clip.install_hooks(model)
+        client.attach_qk_clip(qk_clip)
+        logger.info("muon_megatron: QK-Clip on %d attention layers (tau %g, alpha %g, GQA rule %s)", len(layers),
+                    qk_clip.tau, qk_clip.alpha, qk_clip.gqa_rule)
+    if wrapper.startswith("ZeRO-3"):
+        guard_zero_checkpoint_loading(engine.optimizer, client, "optimizer_state_dict")
+        install_zero3_universal_loading(engine.optimizer, client)
+    elif not wrapper.startswith("ZeRO-0"):
         guard_zero_checkpoint_loading(engine.optimizer, client)
     logger.info("muon_megatron: Moonlight Muon active under %s (%d param groups)", wrapper, len(groups))
     return engine, ds_optimizer, loader, scheduler
+
+
+def builtin_muon_notice(config: dict) -> Optional[str]:
+    """The one line said at start-up when a config asks for Muon but keeps DeepSpeed's built-in
+    (``"implementation": "deepspeed"``) although this package is active; None otherwise."""
+    section = config.get("optimizer") or {}
+    if str(section.get("type", "")).lower() != "muon" or wants_our_muon(config):
+        return None
+    return ("muon_megatron is active, but optimizer.params.implementation = \"deepspeed\" selects DeepSpeed's built-in "
+            "Muon (Keller's update scale, so AdamW's lr does not carry over; no tensor-parallel shards): remove that "
+            "key for Moonlight's Muon")
 
 
 def install() -> None:

@@ -1,4 +1,4 @@
-"""Universal checkpoints for muon_megatron's DeepSpeed Muon (ZeRO-1/2, no tensor parallelism).
+"""Universal checkpoints for muon_megatron's DeepSpeed Muon (ZeRO-1/2/3, no tensor parallelism).
 
 DeepSpeed's ``ds_to_universal`` extracts the Adam keys ``exp_avg`` and ``exp_avg_sq`` of every
 param group by name, so it cannot convert a checkpoint whose Muon groups hold ``momentum_buffer``
@@ -7,14 +7,23 @@ writes the same universal layout from our checkpoints: per parameter a folder
 ``zero/<name>/`` with ``fp32.pt`` and one file per optimizer-state key (``momentum_buffer`` for
 Muon parameters; ``exp_avg``, ``exp_avg_sq`` and ``step`` for AdamW ones), each the full
 parameter-shaped tensor stitched from every data-parallel rank's fragment, plus
-``zero/optimizer_state.pt`` and the model-state files. DeepSpeed's own universal loader
-(``"checkpoint": {"load_universal": true}``) then loads it at any data-parallel size: it reads
-whatever state keys the folders hold.
+``zero/optimizer_state.pt`` (the param groups, DeepSpeed's global state and a ``"muon_megatron"``
+marker) and the model-state files. Load it with ``"checkpoint": {"load_universal": true}`` at any
+data-parallel size: at ZeRO-1/2 DeepSpeed's own universal loader reads whatever state keys the
+folders hold; at ZeRO-3, whose DeepSpeed loader reads only Adam's keys, the loader
+``muon_megatron.deepspeed.initialize`` installs on the ZeRO-3 optimizer does.
+
+Where the fragments are: ZeRO-1/2 checkpoints carry DeepSpeed's fragment map
+(``param_slice_mappings``). A ZeRO-3 rank's file holds one flat fp32 tensor per sub-group
+(``fp32_flat_groups``), the concatenation, in the order of the model-state file's
+``param_shapes[i]``, of each parameter's ZeRO-3 partition: ``ceil(numel / ranks)`` elements, rank r
+holding elements ``[r * n, (r + 1) * n)`` of the flattened parameter (the last ranks pad). Our
+optimizer state lists one tensor per sub-group in the same order.
 
     python -m muon_megatron.deepspeed.universal CHECKPOINT_DIR/TAG OUTPUT_DIR/TAG_universal
 
 Refused with a message: checkpoints not written by muon_megatron (use DeepSpeed's
-``ds_to_universal``), tensor- or pipeline-parallel checkpoints, ZeRO-3.
+``ds_to_universal``), tensor- or pipeline-parallel checkpoints.
 """
 
 from __future__ import annotations
@@ -48,43 +57,44 @@ def _optim_files(checkpoint_dir: str) -> list[tuple[int, str]]:
             )
         found.append((dp, path))
     if not found:
-        raise FileNotFoundError(f"no ZeRO-1/2 optimizer files (*zero_pp_rank_*_optim_states.pt) in {checkpoint_dir}")
+        raise FileNotFoundError(f"no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt) in {checkpoint_dir}")
     return sorted(found)
 
 
-def _param_shapes(checkpoint_dir: str) -> dict[str, torch.Size]:
-    shapes = {}
-    for path in glob.glob(os.path.join(checkpoint_dir, "*_model_states.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for group in state.get("param_shapes") or []:
-            shapes.update(group)
-    return shapes
+def _param_shape_groups(checkpoint_dir: str) -> list[dict]:
+    """``param_shapes`` of a model-state file: per ZeRO group (ZeRO-3: sub-group), name -> shape,
+    in flat order (every rank's file holds the same)."""
+    for path in sorted(glob.glob(os.path.join(checkpoint_dir, "*_model_states.pt"))):
+        shapes = torch.load(path, map_location="cpu", weights_only=False).get("param_shapes")
+        if shapes:  # MoE expert files hold none
+            return list(shapes)
+    raise FileNotFoundError(f"no *_model_states.pt with param_shapes in {checkpoint_dir}")
 
 
-def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
-    """Write the universal checkpoint of ``checkpoint_dir`` (one tag folder) to ``output_dir``."""
-    files = _optim_files(checkpoint_dir)
-    if [dp for dp, _ in files] != list(range(len(files))):
-        raise ValueError(f"{checkpoint_dir}: data-parallel ranks {[dp for dp, _ in files]} are not 0..{len(files) - 1}")
-    shapes = _param_shapes(checkpoint_dir)
-    fragments: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
-    steps: dict[str, torch.Tensor] = {}
+def _base_state(path: str, optim: dict, key: str) -> dict:
+    base = optim.get(key)
+    if not isinstance(base, dict) or "muon_megatron" not in base:
+        raise ValueError(
+            f"{path} was not written by muon_megatron's DeepSpeed Muon; convert it with DeepSpeed's "
+            "ds_to_universal instead"
+        )
+    return base
+
+
+def _group_state(state: dict, index: int) -> dict:
+    return state.get(index, state.get(str(index), {}))
+
+
+def _zero12_fragments(files, fragments: dict, steps: dict) -> tuple[dict, dict]:
+    """Fill ``fragments`` / ``steps`` from ZeRO-1/2 files; return (first rank's file, its base state)."""
     first = None
-    for dp, path in files:
+    for _, path in files:
         optim = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        if optim.get("zero_stage", 1) not in (1, 2) and int(optim.get("zero_stage")) not in (1, 2):
-            raise ValueError(f"{path}: ZeRO stage {optim.get('zero_stage')} is not supported")
-        base = optim["base_optimizer_state"]
-        if not isinstance(base, dict) or "muon_megatron" not in base:
-            raise ValueError(
-                f"{path} was not written by muon_megatron's DeepSpeed Muon; convert it with DeepSpeed's "
-                "ds_to_universal instead"
-            )
-        first = first or optim
-        state = base["state"]
+        base = _base_state(path, optim, "base_optimizer_state")
+        first = first or (optim, base)
         for group_index, mapping in enumerate(optim["param_slice_mappings"]):
             flat_state = {"fp32": optim["single_partition_of_fp32_groups"][group_index]}
-            group_state = state.get(group_index, state.get(str(group_index), {}))
+            group_state = _group_state(base["state"], group_index)
             for key, value in group_state.items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     flat_state[key] = value.view(-1)
@@ -94,6 +104,70 @@ def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
                     fragments[name][key].append(flat.narrow(0, start, numel).clone())
                 if "step" in group_state:
                     steps[name] = group_state["step"]
+    return first
+
+
+def _zero3_fragments(files, shape_groups: list[dict], fragments: dict, steps: dict) -> tuple[dict, dict]:
+    """Fill ``fragments`` / ``steps`` from ZeRO-3 files (see module doc); return (first rank's
+    file, its base state)."""
+    world = len(files)
+    first = None
+    for rank, path in files:
+        optim = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = _base_state(path, optim, "optimizer_state_dict")
+        first = first or (optim, base)
+        flats = optim["fp32_flat_groups"]
+        if int(optim.get("partition_count", world)) != world or len(flats) != len(shape_groups):
+            raise ValueError(
+                f"{path}: {len(flats)} ZeRO-3 sub-groups over {optim.get('partition_count')} ranks, but the folder has "
+                f"{world} rank files and {len(shape_groups)} sub-groups of parameter shapes"
+            )
+        numels = [n for g in base["muon_megatron"]["groups"] for n in g["numel"]]
+        if numels != [int(f.numel()) for f in flats]:
+            raise ValueError(f"{path}: optimizer tensors of {numels} elements do not match the sub-groups "
+                             f"{[int(f.numel()) for f in flats]}")
+        for index, (flat, shapes) in enumerate(zip(flats, shape_groups)):
+            group_state = _group_state(base["state"], index)
+            flat_state = {"fp32": flat.view(-1)}
+            for key, value in group_state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    flat_state[key] = value.view(-1)
+            offset = 0
+            for name, shape in shapes.items():
+                numel = torch.Size(shape).numel()
+                size = -(-numel // world)
+                held = max(0, min(size, numel - rank * size))
+                for key, values in flat_state.items():
+                    fragments[name][key].append(values.narrow(0, offset, held).clone())
+                if "step" in group_state:
+                    steps[name] = group_state["step"]
+                offset += size
+            if offset != flat.numel():
+                raise ValueError(f"{path}: sub-group {index} holds {flat.numel()} elements, its parameters {offset}")
+    return first
+
+
+def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
+    """Write the universal checkpoint of ``checkpoint_dir`` (one tag folder) to ``output_dir``."""
+    files = _optim_files(checkpoint_dir)
+    if [dp for dp, _ in files] != list(range(len(files))):
+        raise ValueError(f"{checkpoint_dir}: data-parallel ranks {[dp for dp, _ in files]} are not 0..{len(files) - 1}")
+    shape_groups = _param_shape_groups(checkpoint_dir)
+    shapes = {name: shape for group in shape_groups for name, shape in group.items()}
+    # DeepSpeed's BF16_Optimizer writes no zero_stage; its files are laid out as ZeRO-1's
+    first_file = torch.load(files[0][1], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    stage = int(first_file.get("zero_stage", 1))
+    del first_file
+    fragments: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    steps: dict[str, torch.Tensor] = {}
+    if stage in (1, 2):
+        first, base = _zero12_fragments(files, fragments, steps)
+        sharded = {"base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups"}
+    elif stage == 3:
+        first, base = _zero3_fragments(files, shape_groups, fragments, steps)
+        sharded = {"optimizer_state_dict", "fp32_flat_groups"}
+    else:
+        raise ValueError(f"{files[0][1]}: ZeRO stage {stage} has no partitions to convert")
     zero_dir = os.path.join(output_dir, "zero")
     os.makedirs(zero_dir, exist_ok=True)
     for name, by_key in fragments.items():
@@ -110,18 +184,18 @@ def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
             torch.save({"param": full.view(shape)}, os.path.join(folder, f"{key}.pt"))
         if name in steps:
             torch.save(steps[name], os.path.join(folder, "step.pt"))
-    sharded = {"base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups"}
     common = {k: v for k, v in first.items() if k not in sharded}
-    common["param_groups"] = first["base_optimizer_state"]["param_groups"]
+    common["param_groups"] = base["param_groups"]
+    common["muon_megatron"] = base["muon_megatron"]
     torch.save(common, os.path.join(zero_dir, "optimizer_state.pt"))
     for path in glob.glob(os.path.join(checkpoint_dir, "*_model_states.pt")):
         shutil.copy(path, os.path.join(output_dir, os.path.basename(path)))
-    logger.info("muon_megatron: universal checkpoint of %d parameters from %d DP ranks written to %s",
-                len(fragments), len(files), output_dir)
+    logger.info("muon_megatron: universal checkpoint of %d parameters from %d DP ranks (ZeRO-%d) written to %s",
+                len(fragments), len(files), stage, output_dir)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a muon_megatron DeepSpeed ZeRO-1/2 checkpoint to universal")
+    parser = argparse.ArgumentParser(description="Convert a muon_megatron DeepSpeed ZeRO-1/2/3 checkpoint to universal")
     parser.add_argument("input", help="the checkpoint's tag folder (holding *_optim_states.pt)")
     parser.add_argument("output", help="the universal tag folder to write")
     args = parser.parse_args(argv)

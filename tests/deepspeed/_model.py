@@ -11,16 +11,17 @@ VOCAB, HIDDEN = 32, 16
 
 class TinyLM(nn.Module):
     """Muon matrices fc1 (24 x 16), fc2 (20 x 24), proj (16 x 20): 1184 elements in one flat group,
-    so at DP 2 fc2 straddles the boundary and at DP 4 fc1, fc2 and proj each do."""
+    so at DP 2 fc2 straddles the boundary and at DP 4 fc1, fc2 and proj each do. ``hidden`` and
+    ``ffn`` (16 and 24) change the widths (odd ones make ZeRO-3 cut rows in the middle and pad)."""
 
-    def __init__(self):
+    def __init__(self, hidden: int = HIDDEN, ffn: int = 24):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.fc1 = nn.Linear(HIDDEN, 24)
-        self.fc2 = nn.Linear(24, 20)
-        self.proj = nn.Linear(20, HIDDEN, bias=False)
-        self.norm = nn.LayerNorm(HIDDEN)
-        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.fc1 = nn.Linear(hidden, ffn)
+        self.fc2 = nn.Linear(ffn, 20)
+        self.proj = nn.Linear(20, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, VOCAB, bias=False)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
@@ -29,9 +30,10 @@ class TinyLM(nn.Module):
         return nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
 
 
-def make_model(seed: int = 0) -> TinyLM:
+def make_model(seed: int = 0, **shape) -> TinyLM:
+    """:class:`TinyLM` drawn with ``seed``; ``shape``: its ``hidden`` / ``ffn`` widths."""
     torch.manual_seed(seed)
-    return TinyLM()
+    return TinyLM(**shape)
 
 
 def micro_batch(step: int, micro: int, rank: int, size: int = 4, seq: int = 8):
@@ -43,11 +45,12 @@ def micro_batch(step: int, micro: int, rank: int, size: int = 4, seq: int = 8):
 
 
 def reference_weights(steps: int, world: int, gas: int, *, clip: float = 0.0, opt_kwargs: dict, seed: int = 0,
-                      skip_steps=()) -> dict:
-    """Single-process muon_megatron.Muon on the full-batch gradient (mean over ranks and micro-batches)."""
+                      skip_steps=(), shape: dict | None = None) -> dict:
+    """Single-process muon_megatron.Muon on the full-batch gradient (mean over ranks and micro-batches);
+    ``shape``: :func:`make_model`'s widths."""
     from muon_megatron import Muon, muon_param_groups
 
-    model = make_model(seed)
+    model = make_model(seed, **(shape or {}))
     opt = Muon(muon_param_groups(model), **opt_kwargs)
     for step in range(steps):
         if step in skip_steps:

@@ -390,3 +390,116 @@ def half_precision_zero0(rank, world, workdir):
         out[precision] = {"weights": weights(model), "wrapper": engine.basic_optimizer.bound_to,
                           "skipped": engine.skipped_steps}
     return out
+
+
+# ---- Scenarios added for the NCCL parity runner (tests/gpu/run_nccl_parity.py); they run under gloo too --------
+
+
+def parity_zero1_ns_bf16(rank, world, workdir):
+    """:func:`parity_zero1` with Newton-Schulz in bfloat16 (float32 weights and gradients)."""
+    return _parity(rank, world, 1, extra={"ns_dtype": "bfloat16"})
+
+
+def parity_zero2_ns_bf16(rank, world, workdir):
+    """:func:`parity_zero2` with Newton-Schulz in bfloat16 (float32 weights and gradients)."""
+    return _parity(rank, world, 2, extra={"ns_dtype": "bfloat16"})
+
+
+def _moe_lm(world: int, rank: int):
+    """The model of :func:`moe_experts_orthogonalised_each_on_its_own`: embedding, one DeepSpeed MoE
+    layer of 4 GELU experts (up 16 -> 24, down 24 -> 16) over an expert-parallel group of ``world``
+    (top-1 gate, capacity for every token), LM head; experts drawn per rank so they differ."""
+    from deepspeed.moe.layer import MoE
+    from torch import nn
+
+    from _model import HIDDEN, VOCAB
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(HIDDEN, 24, bias=False)
+            self.down = nn.Linear(24, HIDDEN, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+
+    class MoELM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(VOCAB, HIDDEN)
+            self.moe = MoE(HIDDEN, Expert(), num_experts=4, ep_size=world, k=1, min_capacity=0, capacity_factor=4.0)
+            self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+        def forward(self, tokens, targets):
+            h, aux, _ = self.moe(self.embed(tokens))
+            logits = self.lm_head(h).float()
+            return nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.view(-1)) + 0.01 * aux
+
+    model = MoELM()
+    torch.manual_seed(100 + rank)
+    for n, p in model.named_parameters():
+        if "experts" in n:
+            p.data.normal_(0, 0.2)
+    return model
+
+
+def moe_expert_first_update_vs_float64_ns(rank, world, workdir):
+    """A DeepSpeed MoE model (4 experts over an expert-parallel group of ``world``, ZeRO-1, no weight
+    decay, no clipping): after the first step, each local expert matrix W must have moved by
+    ``-lr * 0.2 sqrt(max(A, B)) * NS(g)``, NS in float64 on that expert's own gradient g as autograd
+    produced it on this rank. The momentum starts at zero and Newton-Schulz normalises its input, so
+    the factors DeepSpeed applies to expert gradients (data-parallel averaging, Nesterov's 1 + mu)
+    drop out. Returns the relative Frobenius error of each expert's update."""
+    from muon_megatron.core.newton_schulz import newton_schulz
+    from muon_megatron.core.update import update_scale
+
+    model = _moe_lm(world, rank)
+    engine, _, _, _ = mmds.initialize(model=model, config=ds_config(1, clip=0.0, params={"weight_decay": 0.0}))
+    experts = {n: p for n, p in model.named_parameters() if "experts" in n}
+    before = {n: p.detach().double().clone() for n, p in experts.items()}
+    grads = {}
+    hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, g.detach().double().clone()))
+             for n, p in experts.items()]
+    train(engine, rank, range(1), 1)
+    for hook in hooks:
+        hook.remove()
+    errors = {}
+    for n, p in experts.items():
+        update = (before[n] - p.detach().double()) / LR
+        want = update_scale("moonlight", *p.shape) * newton_schulz(grads[n], 5, "moonlight", torch.float64)
+        errors[n] = ((update - want).norm() / want.norm()).item()
+    return {"errors": errors, "holders": _holders(engine.basic_optimizer)}
+
+
+def universal_checkpoint_dp1_to_dp2(rank, world, workdir):
+    """The reverse of :func:`universal_checkpoint_dp2_to_dp1`: two steps at DP 1 over the global batch
+    of DP 2 (gradient accumulation 2, micro-step r = DP rank r's micro-batch), save, convert to a
+    universal checkpoint (tag ``dp1_mid_universal`` under ``MUON_DS_SHARED_DIR``)."""
+    import os
+
+    from muon_megatron.deepspeed.universal import convert_to_universal
+
+    shared = os.environ["MUON_DS_SHARED_DIR"]
+    target_world = 2
+    engine, _, _, _ = mmds.initialize(model=make_model(0), config=ds_config(1, gas=target_world))
+    for step in range(0, 2):
+        for micro in range(target_world):
+            engine.backward(engine(*micro_batch(step, 0, micro)))
+            engine.step()
+    engine.save_checkpoint(shared, tag="dp1_mid")
+    convert_to_universal(os.path.join(shared, "dp1_mid"), os.path.join(shared, "dp1_mid_universal"))
+    return {"world": world}
+
+
+def universal_checkpoint_load_at_dp2(rank, world, workdir):
+    """Load :func:`universal_checkpoint_dp1_to_dp2`'s universal checkpoint at DP ``world`` (2) into a
+    model with other initial weights and take steps 2 and 3."""
+    import os
+
+    shared = os.environ["MUON_DS_SHARED_DIR"]
+    model = make_model(1)
+    engine, _, _, _ = mmds.initialize(model=model, config=ds_config(1, checkpoint={"load_universal": True}))
+    engine.load_checkpoint(shared, tag="dp1_mid_universal")
+    train(engine, rank, range(2, 4), 1)
+    return {"resumed": weights(model)}

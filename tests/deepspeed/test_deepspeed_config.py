@@ -38,10 +38,29 @@ def test_other_optimizers_and_the_builtin_switch_pass_through_untouched():
     assert muon is None and ds["optimizer"] == {"type": "muon", "params": {"lr": 1.0}}
 
 
-@pytest.mark.parametrize("key, hint", [("betas", "adamw_betas"), ("eps", "adamw_eps"), ("ns_method", "ns_coefficients")])
+@pytest.mark.parametrize("key, hint", [("muon_lr", "lr"), ("adam_lr", "lr"), ("ns_method", "ns_coefficients")])
 def test_builtin_muon_keys_are_refused_with_our_spelling(key, hint):
-    with pytest.raises(ValueError, match=hint):
+    with pytest.raises(ValueError, match=f"optimizer.params.{key} is a key of DeepSpeed's built-in Muon.*{hint}"):
         MuonConfig.from_params({key: 1})
+
+
+def test_betas_and_eps_are_the_adamw_betas_and_eps():
+    c = MuonConfig.from_params({"betas": [0.8, 0.9], "eps": 1e-6})
+    assert (c.adamw_betas, c.adamw_eps) == ((0.8, 0.9), 1e-6)
+    with pytest.raises(ValueError, match="both betas and adamw_betas"):
+        MuonConfig.from_params({"betas": [0.8, 0.9], "adamw_betas": [0.8, 0.9]})
+    with pytest.raises(ValueError, match=r"optimizer.params.betas=\[0.8, 1.5\]"):
+        MuonConfig.from_params({"betas": [0.8, 1.5]})
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "betas", "eps", "momentum"])
+def test_unfilled_auto_is_refused_naming_the_key(key):
+    with pytest.raises(ValueError, match=f'optimizer.params.{key} is "auto", which nothing filled in'):
+        MuonConfig.from_params({key: "auto"})
+
+
+def test_auto_is_a_value_of_ns_backend():
+    assert MuonConfig.from_params({"ns_backend": "auto"}).ns_backend == "auto"
 
 
 def test_unknown_key_lists_valid_keys():
@@ -58,17 +77,80 @@ def test_bad_values_name_the_parameter(params, needle):
         MuonConfig.from_params(params)
 
 
-def test_zero3_fails_at_initialize_with_the_fix():
-    with pytest.raises(ValueError, match="stage 0, 1 and 2"):
-        mmds.initialize(model=make_model(), config=muon_config(3))
+class _TensorParallelMpu:
+    """An mpu that reports tensor parallelism of 2 (nothing else is asked before the refusal)."""
+
+    def get_tensor_model_parallel_world_size(self):
+        return 2
+
+    def get_tensor_model_parallel_rank(self):
+        return 0
+
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_rank = get_tensor_model_parallel_rank
 
 
-@pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])
-def test_offload_fails_at_initialize_with_the_fix(key):
-    cfg = muon_config(2)
-    cfg["zero_optimization"][key] = {"device": "cpu"}
-    with pytest.raises(ValueError, match=f"zero_optimization.{key}"):
+def test_zero3_with_tensor_parallelism_fails_at_initialize_naming_the_stage():
+    with pytest.raises(ValueError, match="zero_optimization.stage 3 with tensor parallelism"):
+        mmds.initialize(model=make_model(), config=muon_config(3), mpu=_TensorParallelMpu())
+
+
+def test_zero3_and_cpu_offload_pass_the_config_check_and_let_deepspeed_take_our_optimizer():
+    ds, muon = split_config(muon_config(3))
+    assert muon is not None and ds["zero_allow_untested_optimizer"] is True
+    assert "zero_force_ds_cpu_optimizer" not in ds
+    for stage in (1, 2, 3):
+        cfg = muon_config(stage)
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        ds, _ = split_config(cfg)
+        # without it DeepSpeed refuses any client optimizer but its CPU Adam under offload
+        assert ds["zero_force_ds_cpu_optimizer"] is False
+    cfg = muon_config(3)
+    cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    split_config(cfg)
+
+
+@pytest.mark.parametrize("stage, section, needle", [
+    (2, {"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, "zero_optimization.offload_optimizer.device 'nvme'"),
+    (3, {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}, "zero_optimization.offload_optimizer.ratio 0.5"),
+    (3, {"offload_optimizer": {"device": "cpu", "super_offload": True}}, "offload_optimizer.super_offload"),
+    (0, {"offload_optimizer": {"device": "cpu"}}, "offload_optimizer needs zero_optimization.stage 1, 2 or 3"),
+    (2, {"offload_param": {"device": "cpu"}}, "zero_optimization.offload_param .* at zero_optimization.stage 3 only"),
+    (3, {"offload_param": {"device": "nvme", "nvme_path": "/tmp"}}, "zero_optimization.offload_param \\(device 'nvme'\\)"),
+    (3, {"mics_shard_size": 2}, "zero_optimization.mics_shard_size"),
+    (1, {"elastic_checkpoint": True}, "zero_optimization.elastic_checkpoint"),
+])
+def test_unsupported_zero_settings_fail_at_initialize_naming_the_key(stage, section, needle):
+    cfg = muon_config(stage)
+    cfg["zero_optimization"].update(section)
+    with pytest.raises(ValueError, match=needle):
         mmds.initialize(model=make_model(), config=cfg)
+
+
+def test_forcing_deepspeeds_cpu_adam_under_offload_is_refused_naming_the_key():
+    cfg = muon_config(2)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    cfg["zero_force_ds_cpu_optimizer"] = True
+    with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer is true"):
+        mmds.initialize(model=make_model(), config=cfg)
+
+
+def test_partitioned_parameters_are_routed_by_ds_shape():
+    """Parameters partitioned by ZeRO-3 hold 1-D placeholders and keep their shape in ds_shape (set
+    by hand here; the engine tests build a model under deepspeed.zero.Init): routing reads ds_shape,
+    keeps Moonlight's rule (embedding and head on AdamW) and a shared parameter once."""
+    model = make_model()
+    model.lm_head.weight = model.embed.weight  # tied, as many models are
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    groups = mmds.build_param_groups(model, MuonConfig.from_params({}))
+    muon = {n: p for g in groups if g["use_muon"] for n, p in zip(g["names"], g["params"])}
+    adamw = [n for g in groups if not g["use_muon"] for n in g["names"]]
+    assert sorted(muon) == ["fc1.weight", "fc2.weight", "proj.weight"]
+    assert muon["fc1.weight"] is model.fc1.weight  # the model's own parameters, not stand-ins
+    assert "embed.weight" in adamw and "lm_head.weight" not in adamw  # tied: listed once
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_client_optimizer_and_muon_config_together_are_refused():
@@ -129,3 +211,35 @@ def test_ns_backend_selects_the_newton_schulz_implementation(name):
         assert opt._orthogonalize is None  # DistributedMuon's default, the core's batched path
     else:
         assert opt._orthogonalize.backend == name
+
+
+def test_newton_schulz_on_another_device_than_the_tensors_gives_the_same_step():
+    """Optimizer offload keeps the tensors on the CPU and runs Newton-Schulz where ``ns_device`` says
+    (the accelerator): the inputs travel in the NS dtype, to which the exchange casts them anyway,
+    and the results come back to the tensors' device. On the CPU (``ns_device="cpu"``) that path
+    must give bitwise the step of the plain one, here with bf16 Newton-Schulz over two steps."""
+    from muon_megatron.distributed import DistributedMuon, ParamLayout
+
+    torch.manual_seed(0)
+    weight, grads = torch.randn(24, 16), [torch.randn(24, 16) for _ in range(2)]
+    results = []
+    for ns_device in (None, "cpu"):
+        p = weight.clone()
+        opt = DistributedMuon([{"params": [p], "layouts": [ParamLayout("w", (24, 16))]}], lr=1e-2,
+                              ns_dtype=torch.bfloat16, ns_device=ns_device)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p)
+    assert not torch.equal(results[0], weight)
+    assert torch.equal(results[0], results[1])
+
+
+def test_builtin_muon_kept_by_the_config_is_said_in_one_line():
+    from muon_megatron.deepspeed.activation import builtin_muon_notice
+
+    kept = muon_config(1, implementation="deepspeed")
+    line = builtin_muon_notice(kept)
+    assert "\n" not in line and "implementation" in line and "built-in" in line and "Keller" in line
+    assert builtin_muon_notice(muon_config(1)) is None
+    assert builtin_muon_notice({"optimizer": {"type": "AdamW", "params": {}}}) is None
