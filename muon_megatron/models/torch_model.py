@@ -8,17 +8,26 @@ are 3-D parameters ``[E, out, in]`` so that Muon's default split orthogonalises 
 own. Parameter names follow Megatron's where they exist (``embedding``, ``output_layer``), so
 Moonlight's routing rule sends embeddings and head to AdamW.
 
+QK-Clip (Kimi K2's MuonClip): inside ``with recorder:`` (a
+:class:`~muon_megatron.core.qk_clip.MaxLogitRecorder`) every MLA layer records its per-head max
+logit under its qualified name (``layers.<i>.self_attention``); after ``optimizer.step()``,
+:func:`qk_clip_` scales the query and key weights of the heads above the threshold. Outside a
+recorder the forward pass computes nothing extra and gives the same numbers. Engine adapters find the
+layers' query and key weights through :meth:`MoonlightModel.qk_clip_layers`.
+
 Not a reproduction of Megatron numerics: a small, readable reference of the same architecture.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.qk_clip import QKClipLayer, QKClipStats, active_recorder, clip_mla_, layer_stats, validate_qk_clip
 from .spec import ModelSpec
 
 
@@ -49,12 +58,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention, as in DeepSeek-V2/V3 and Moonlight."""
+    """Multi-head latent attention, as in DeepSeek-V2/V3 and Moonlight.
 
-    def __init__(self, spec: ModelSpec):
+    ``name`` is the key under which an active max-logit recorder receives this layer's per-head
+    max logits (:class:`MoonlightModel` passes the module's qualified name)."""
+
+    def __init__(self, spec: ModelSpec, name: str = "self_attention"):
         super().__init__()
         a, h = spec.attention, spec.hidden
         self.a = a
+        self.max_logit_name = name
         q_out = a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
         if a.q_lora_rank is None:
             self.linear_q_proj = nn.Linear(h, q_out, bias=False)
@@ -84,6 +97,9 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).expand(b, H, s, rope)
         q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
+        recorder = active_recorder()
+        if recorder is not None:  # QK-Clip's measurement; outside a recorder nothing extra runs
+            recorder.record_logits(self.max_logit_name, q, k, scale=1.0 / math.sqrt(nope + rope), causal=True)
         out = F.scaled_dot_product_attention(q, k, value, is_causal=True, scale=1.0 / math.sqrt(nope + rope))
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, H * v))
 
@@ -150,7 +166,7 @@ class Layer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden, spec.norm_eps)
-        self.self_attention = MLA(spec)
+        self.self_attention = MLA(spec, name=f"layers.{index}.self_attention")
         self.pre_mlp_layernorm = RMSNorm(spec.hidden, spec.norm_eps)
         self.mlp = MoE(spec) if spec.is_moe_layer(index) else SwiGLU(spec.hidden, spec.dense_ffn)
 
@@ -185,6 +201,23 @@ class MoonlightModel(nn.Module):
             x = layer(x, cos, sin)
         return self.output_layer(self.final_layernorm(x))
 
+    def qk_clip_layers(self) -> list[QKClipLayer]:
+        """Where each MLA layer's queries and keys live (parameter names relative to this model),
+        for engine adapters that apply QK-Clip (e.g. ``muon_megatron.deepspeed.initialize`` with
+        ``optimizer.params.qk_clip_threshold``): the query projection (``linear_q_proj``, or
+        ``linear_q_up_proj`` with a q LoRA rank) and ``linear_kv_up_proj``, recorded under each
+        layer's ``max_logit_name``."""
+        out = []
+        for prefix, module in self.named_modules():
+            if isinstance(module, MLA):
+                a = module.a
+                q = "linear_q_proj" if a.q_lora_rank is None else "linear_q_up_proj"
+                out.append(QKClipLayer(name=module.max_logit_name, layout="mla", num_heads=a.num_heads,
+                                       q=f"{prefix}.{q}.weight", k=f"{prefix}.linear_kv_up_proj.weight",
+                                       qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                                       v_head_dim=a.v_head_dim))
+        return out
+
     @torch.no_grad()
     def update_expert_bias_(self, rate: float | None = None) -> None:
         """Aux-loss-free balancing: raise the bias of under-loaded experts and lower it for
@@ -195,3 +228,51 @@ class MoonlightModel(nn.Module):
                 r = module.m.bias_update_rate if rate is None else rate
                 module.expert_bias += r * torch.sign(module.load.mean() - module.load)
                 module.load.zero_()
+
+
+def mla_layers(model_or_layers: nn.Module | Iterable[MLA]) -> list[MLA]:
+    """The MLA modules of a model (in module order), or the given MLA modules."""
+    if isinstance(model_or_layers, nn.Module):
+        layers = [m for m in model_or_layers.modules() if isinstance(m, MLA)]
+    else:
+        layers = list(model_or_layers)
+        bad = [type(m).__name__ for m in layers if not isinstance(m, MLA)]
+        if bad:
+            raise TypeError(f"qk_clip_ takes a model or MLA modules; got {bad}")
+    if not layers:
+        raise ValueError("qk_clip_: the model has no MLA attention layer to clip")
+    return layers
+
+
+@torch.no_grad()
+def qk_clip_(model_or_layers: nn.Module | Iterable[MLA], recorder, *, tau: float, alpha: float = 0.5,
+             reset: bool = True) -> QKClipStats:
+    """QK-Clip every MLA layer of a :class:`MoonlightModel` (or the given MLA modules) in place
+    from the max logits ``recorder`` collected since its last reset; call after
+    ``optimizer.step()``. Per head above ``tau``: ``q^C`` rows of the query projection by
+    ``gamma ** alpha``, ``q^R`` rows by ``gamma``, ``k^C`` rows of ``linear_kv_up_proj`` by
+    ``gamma ** (1 - alpha)``; the shared rotary key (``linear_kv_down_proj``), values and every
+    head at or below ``tau`` untouched (see :mod:`muon_megatron.core.qk_clip`). Optimizer state is
+    not touched (Kimi K2's rule). Resets the recorder unless ``reset=False``.
+
+    Returns the telemetry: per layer the max logit measured before clipping and the number of
+    clipped heads. ValueError naming the layer if the recorder holds nothing for it."""
+    validate_qk_clip(tau, alpha)
+    layers = mla_layers(model_or_layers)
+    maxima, gammas = {}, {}
+    for layer in layers:
+        name = layer.max_logit_name
+        S = recorder.get(name)
+        if S is None:
+            raise ValueError(f"qk_clip_: no max logits recorded for {name!r}; run the step's forward passes inside "
+                             "`with recorder:` (recorded: " + (", ".join(recorder.names()) or "nothing") + ")")
+        a = layer.a
+        q_weight = layer.linear_q_proj.weight if a.q_lora_rank is None else layer.linear_q_up_proj.weight
+        maxima[name] = S
+        gammas[name] = clip_mla_(q_weight, layer.linear_kv_up_proj.weight, S, tau=tau, alpha=alpha,
+                                 qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                                 v_head_dim=a.v_head_dim)
+    stats = layer_stats(tau, maxima, gammas)
+    if reset:
+        recorder.reset()
+    return stats
