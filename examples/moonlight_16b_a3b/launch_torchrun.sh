@@ -4,6 +4,7 @@
 #   GPUS=64 NNODES=8 NODE_RANK=0 MASTER_ADDR=node0 MEGATRON_LM=~/Megatron-LM \
 #   DATA_PATH=/data/moonlight_text_document CKPT_DIR=/ckpt/moonlight bash launch_torchrun.sh
 #
+# TRANSFORMER_IMPL=transformer_engine | local | auto (default) picks te.args or local.args (common.sh).
 # DRY_RUN=1 prints the arguments instead of launching.
 # EXTRA_ARGS="..." appends flags (e.g. --recompute-granularity selective, --exit-interval 100).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

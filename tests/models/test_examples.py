@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from muon_megatron.models import MOONLIGHT_16B_A3B, MOONLIGHT_MINI, read_argument_file, spec_from_megatron_args
-from muon_megatron.planner import ParallelConfig
+from muon_megatron.sizing import ParallelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIG = ROOT / "examples" / "moonlight_16b_a3b"

@@ -231,7 +231,7 @@ def test_deepspeed_release_is_read_from_version_txt_or_the_installed_info(tmp_pa
 def test_shipped_patch_sets_cover_disjoint_lines_and_call_only_existing_hooks():
     sets = load_patch_sets()
     assert {s.name for s in sets} == {
-        "megatron-core-0.12-0.15", "megatron-core-0.16-0.19", "deepspeed-0.14-0.17.5", "deepspeed-0.17.6-0.19",
+        "megatron-core-0.12-0.15", "megatron-core-0.16-0.19", "megatron-core-0.20", "deepspeed-0.14-0.17.5", "deepspeed-0.17.6-0.19",
     }
     for s in sets:
         assert (s.folder / "README.md").is_file(), s.name
