@@ -99,6 +99,12 @@ if [[ "${DRY_RUN:-0}" != 1 ]]; then
         echo "megatron.training not importable: installing megatron-core from $wheels" >&2
         "$PYTHON" -m pip install --quiet --no-index --find-links "$wheels" megatron-core
     fi
+    # pretrain_gpt.py runs `make` in megatron/core/datasets at start-up (a Megatron-LM checkout has
+    # the Makefile); an installed wheel has the helpers compiled but no Makefile: a no-op one.
+    datasets=$("$PYTHON" -c "import os, megatron.core.datasets as d; print(os.path.dirname(d.__file__))")
+    if [[ ! -f "$datasets/Makefile" ]] && compgen -G "$datasets/helpers_cpp*.so" >/dev/null; then
+        printf 'all:\n\t@true\n' > "$datasets/Makefile"
+    fi
     "$PYTHON" - <<'EOF' | tee "$out/versions.txt"
 import torch, importlib.metadata as md
 print("torch", torch.__version__, "| megatron-core", md.version("megatron-core"),
