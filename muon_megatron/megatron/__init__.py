@@ -10,7 +10,8 @@ Importing this package imports megatron-core lazily: only the functions above to
 """
 
 from .config import MuonSettings
-from .factory import get_muon_optimizer, init_muon_state
+from .factory import get_muon_optimizer
+from .state import init_muon_state
 from .params import MegatronParam, describe_parameters
 
 __all__ = ["MuonSettings", "MegatronParam", "describe_parameters", "get_muon_optimizer", "init_muon_state", "install"]

@@ -18,9 +18,12 @@ wrappers of :func:`muon_wrapper_class` match param groups by their ``use_muon`` 
 
 Legacy ``--ckpt-format torch`` with the distributed optimizer: one file on DP rank 0 with every rank's
 fp32 main-parameter shards, Muon momentum and AdamW shard state; it loads at the same DP size.
-Another optimizer's state (e.g. AdamW's) loaded into Muon raises :class:`OptimizerStateMismatch`
-naming ``--no-load-optim``. (The reverse, Muon state loaded by megatron-core's Adam, fails inside
-megatron-core with its own message.)
+Another optimizer's state (e.g. AdamW's) loaded into Muon raises
+:class:`.state.OptimizerStateMismatch` naming ``--no-load-optim``. (The reverse, Muon state loaded
+by megatron-core's Adam, fails inside megatron-core with its own message.)
+
+The classes here only adapt megatron-core's wrappers; what is saved and how it is checked and
+restored are the pure functions of :mod:`.state`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,19 @@ import logging
 
 import torch
 
-from .inner import ADAMW_STATE_KEYS, MUON_STATE_KEYS, STRUCTURAL_KEYS, OptimizerStateMismatch  # noqa: F401
-from .inner import mismatch as _mismatch
+from .state import (
+    STEPS_KEY,
+    check_muon_groups,
+    group_settings,
+    init_muon_state,
+    load_group_settings,
+    pack_rank_state,
+    set_adamw_steps,
+    state_keys,
+    state_mismatch_error,
+    state_tensor,
+    unpack_rank_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +61,11 @@ def _distributed_optimizer_class():
         muon_steps = 0
         muon_routes: dict = {}  # model param -> True (Muon) / False (AdamW); set by the factory
 
+        def prepare_grads(self) -> bool:
+            found_inf = super().prepare_grads()
+            end_of_forward_passes(self)
+            return found_inf
+
         def step_with_ready_grads(self) -> bool:
             taken = super().step_with_ready_grads()
             if taken and not self.is_stub_optimizer:
@@ -54,47 +73,29 @@ def _distributed_optimizer_class():
             return taken
 
         def state_dict(self):
-            groups = []
-            for g in self.optimizer.param_groups:
-                groups.append({k: v for k, v in g.items() if k not in ("params", "layouts", "names")})
-            sd = {"optimizer": {"param_groups": groups, "muon_megatron_steps": self.muon_steps}}
+            sd = {"optimizer": {"param_groups": group_settings(self.optimizer.param_groups), STEPS_KEY: self.muon_steps}}
             if self.grad_scaler:
                 sd["grad_scaler"] = self.grad_scaler.state_dict()
             return sd
 
         def load_state_dict(self, state_dict):
             optimizer = state_dict.get("optimizer", {})
-            if "muon_megatron_steps" not in optimizer:
-                raise _mismatch("no muon_megatron_steps entry; it was written by another optimizer")
-            saved = optimizer["param_groups"]
-            if len(saved) != len(self.optimizer.param_groups):
-                raise _mismatch(f"{len(saved)} param groups, this optimizer has {len(self.optimizer.param_groups)}")
-            for group, old in zip(self.optimizer.param_groups, saved):
-                if bool(old.get("use_muon")) != bool(group["use_muon"]):
-                    raise _mismatch("param groups in another order or of another kind")
-                for key, value in old.items():
-                    if key not in STRUCTURAL_KEYS:
-                        group[key] = value
-            self.muon_steps = int(optimizer["muon_megatron_steps"])
-            from .factory import init_muon_state
-
+            if STEPS_KEY not in optimizer:
+                raise state_mismatch_error(f"no {STEPS_KEY} entry; it was written by another optimizer")
+            load_group_settings(self.optimizer.param_groups, optimizer["param_groups"])
+            self.muon_steps = int(optimizer[STEPS_KEY])
             init_muon_state(self.optimizer)
-            for group in self.optimizer.param_groups:
-                if not group["use_muon"]:
-                    for p in group["params"]:
-                        self.optimizer.state[p]["step"] = torch.tensor(float(self.muon_steps))
+            set_adamw_steps(self.optimizer, self.muon_steps)
             if self.grad_scaler and "grad_scaler" in state_dict:
                 self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
             if "param_state" in state_dict:
                 kind = state_dict.get("param_state_sharding_type")
                 if kind != SHARDING_TYPE:
-                    raise _mismatch(f"parameter state of type {kind!r}")
+                    raise state_mismatch_error(f"parameter state of type {kind!r}")
                 self._load_model_space_state(state_dict["param_state"])
 
         def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, sharding_type=None,
                                metadata=None):
-            from .factory import init_muon_state
-
             requested = sharding_type or (metadata or {}).get("distrib_optim_sharding_type")
             if requested not in (None, SHARDING_TYPE) and not getattr(self, "_noted_format", False):
                 self._noted_format = True
@@ -117,9 +118,6 @@ def _distributed_optimizer_class():
         def _model_params(self):
             for buffer in self.buffers:
                 yield from buffer.param_index_map
-
-        def _state_keys(self, model_param):
-            return ("fp32_param",) + (MUON_STATE_KEYS if self.muon_routes[model_param] else ADAMW_STATE_KEYS)
 
         def _local(self, model_param):
             """(main tensor, its state, (start, stop)) or None when this DP rank owns no range."""
@@ -149,12 +147,12 @@ def _distributed_optimizer_class():
                 meta = metadata[model_param]
                 local = self._local(model_param)
                 entry = {}
-                for key in self._state_keys(model_param):
+                for key in state_keys(self.muon_routes[model_param]):
                     full = torch.zeros(model_param.numel(), dtype=torch.float32, device=model_param.device)
                     if not is_loading:
                         if local is not None:
                             main, st, (start, stop) = local
-                            full[start:stop] = (main if key == "fp32_param" else st[key]).detach().view(-1)
+                            full[start:stop] = state_tensor(main, st, key).detach().view(-1)
                         torch.distributed.all_reduce(full, group=self.data_parallel_group)
                     kwargs = dict(key=f"optimizer.state.{key}.{meta.key}", data=full.view(model_param.shape))
                     if not isinstance(meta, ShardedTensorFactory):
@@ -170,25 +168,15 @@ def _distributed_optimizer_class():
                     continue
                 main, st, (start, stop) = local
                 saved = state[index]
-                for key in self._state_keys(model_param):
+                for key in state_keys(self.muon_routes[model_param]):
                     if key not in saved:
-                        raise _mismatch(f"no {key!r} for a parameter")
-                    piece = saved[key].reshape(-1)[start:stop]
-                    target = main if key == "fp32_param" else st[key]
-                    target.data.view(-1).copy_(piece)
+                        raise state_mismatch_error(f"no {key!r} for a parameter")
+                    state_tensor(main, st, key).data.view(-1).copy_(saved[key].reshape(-1)[start:stop])
 
         def save_parameter_state(self, filename: str):
             """``--ckpt-format torch``: every data-parallel rank's fp32 main-parameter shards, Muon
             momentum (as layout pieces) and AdamW shard state, gathered into one file on DP rank 0."""
-            inner = self.optimizer
-            adamw = [
-                {k: v.detach().cpu() for k, v in inner.state[p].items()}
-                for g in inner.param_groups if not g["use_muon"] for p in g["params"]
-            ]
-            mine = {"momentum": [dict(piece, values=None if piece["values"] is None else piece["values"].cpu())
-                                 for piece in inner.momentum_pieces()], "adamw": adamw,
-                    # the fp32 main-parameter shards: after a load Megatron copies them to the model
-                    "params": [p.detach().cpu() for g in inner.param_groups for p in g["params"]]}
+            mine = pack_rank_state(self.optimizer)
             gathered = [None] * self.data_parallel_group.size()
             torch.distributed.all_gather_object(gathered, mine, group=self.data_parallel_group)
             if self.data_parallel_group.rank() == 0:
@@ -199,10 +187,7 @@ def _distributed_optimizer_class():
             ValueError saying to use torch_dist, which reshards)."""
             saved = torch.load(filename, map_location="cpu", weights_only=False)
             if not isinstance(saved, dict) or saved.get("sharding_type") != SHARDING_TYPE:
-                raise _mismatch(f"{filename} is not muon-megatron's distributed-optimizer state")
-            inner = self.optimizer
-            from .factory import init_muon_state
-
+                raise state_mismatch_error(f"{filename} is not muon-megatron's distributed-optimizer state")
             ranks = saved["ranks"]
             if len(ranks) != self.data_parallel_group.size():
                 raise ValueError(
@@ -210,24 +195,24 @@ def _distributed_optimizer_class():
                     f"{self.data_parallel_group.size()}; resume at the same DP size, or use --ckpt-format torch_dist "
                     "(which reshards)"
                 )
-            init_muon_state(inner)
-            inner.load_momentum_pieces([piece for rank in ranks for piece in rank["momentum"]])
-            mine = ranks[self.data_parallel_group.rank()]
-            with torch.no_grad():
-                for p, value in zip([p for g in inner.param_groups for p in g["params"]], mine["params"]):
-                    p.copy_(value)
-            params = [p for g in inner.param_groups if not g["use_muon"] for p in g["params"]]
-            adamw = mine["adamw"]
-            for p, state in zip(params, adamw):
-                inner.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
+            unpack_rank_state(self.optimizer, ranks, self.data_parallel_group.rank())
 
     return MuonDistributedOptimizer
+
+
+def end_of_forward_passes(wrapper) -> None:
+    """QK-Clip: the step's forward passes are over (megatron-core prepares the gradients of every
+    step, taken or skipped, exactly once): its max logits leave the recorder, so a skipped step's
+    never reach the next one. Nothing without QK-Clip."""
+    clip = getattr(wrapper.optimizer, "qk_clip", None)
+    if clip is not None:
+        clip.take()
 
 
 def _check_inner_groups(inner_state: dict) -> None:
     groups = inner_state.get("param_groups", [])
     if not groups or any("use_muon" not in g for g in groups):
-        raise _mismatch("param groups without muon-megatron's use_muon markers")
+        raise state_mismatch_error("param groups without muon-megatron's use_muon markers")
 
 
 _WRAPPERS: dict = {}
@@ -236,7 +221,8 @@ _WRAPPERS: dict = {}
 def muon_wrapper_class(base):
     """A subclass of megatron-core's ``Float16OptimizerWithFloat16Params`` or ``FP32Optimizer``
     whose ``load_state_dict`` first checks that the state is Muon's (else
-    :class:`OptimizerStateMismatch` naming ``--no-load-optim``)."""
+    :class:`.state.OptimizerStateMismatch` naming ``--no-load-optim``), and whose
+    ``prepare_grads`` ends the step's QK-Clip measurements (:func:`end_of_forward_passes`)."""
     if base not in _WRAPPERS:
 
         def load_state_dict(self, state_dict):
@@ -244,21 +230,23 @@ def muon_wrapper_class(base):
             _check_inner_groups(inner if "param_groups" in inner else state_dict)
             return base.load_state_dict(self, state_dict)
 
+        def prepare_grads(self):
+            found_inf = base.prepare_grads(self)
+            end_of_forward_passes(self)
+            return found_inf
+
         def match_groups(current_groups, state_dict_groups):
             # megatron-core matches saved and current groups by (wd_mult, lr_mult, ...) tuples, which
             # are equal for our Muon and AdamW groups on 0.16; ours come in a fixed order and carry
             # use_muon, so match by position and check the markers instead.
-            if len(current_groups) != len(state_dict_groups) or any(
-                "use_muon" not in saved or bool(saved["use_muon"]) != bool(cur["use_muon"])
-                for cur, saved in zip(current_groups, state_dict_groups)
-            ):
-                raise _mismatch("param groups without muon-megatron's use_muon markers")
+            check_muon_groups(state_dict_groups, current_groups)
             return list(state_dict_groups)
 
         _WRAPPERS[base] = type(
             f"Muon{base.__name__}",
             (base,),
-            {"load_state_dict": load_state_dict, "_filter_and_reorder_param_groups": staticmethod(match_groups)},
+            {"load_state_dict": load_state_dict, "prepare_grads": prepare_grads,
+             "_filter_and_reorder_param_groups": staticmethod(match_groups)},
         )
     return _WRAPPERS[base]
 

@@ -31,9 +31,12 @@ import torch
 
 from ..distributed.comm import any_rank
 from ..kernels.orthogonalize import orthogonalizer
+from .checkpoint import muon_distributed_optimizer_class, muon_wrapper_class
 from .config import MuonSettings
 from .inner import MegatronMuon
 from .params import MegatronParam, describe_parameters
+from .qk_clip import build_qk_clip
+from .state import init_muon_state
 
 logger = logging.getLogger(__name__)
 
@@ -108,27 +111,9 @@ def _grad_scaler(config):
     return None
 
 
-def init_muon_state(opt: torch.optim.Optimizer, config=None) -> None:
-    """Megatron's ``init_state_fn``: allocate zero state for every tensor that has none (used when
-    loading checkpoints into a fresh optimizer)."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state[p]
-            if state:
-                continue
-            if group["use_muon"]:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            else:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-
-
 def _wrap(config, model_chunks, groups, buffers, pgs, model_parallel_group, dp_group, dp_group_gloo, dp_idx):
     """Megatron's wrapper around a carrier AdamW (no state is allocated by it)."""
     from megatron.core.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
-
-    from .checkpoint import muon_distributed_optimizer_class, muon_wrapper_class
 
     carrier = torch.optim.AdamW(
         groups, lr=config.lr, weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
@@ -172,7 +157,7 @@ def _local_tensors(wrapper, group_index: int, group: dict, original: list) -> li
     return list(zip(group["params"], models))
 
 
-def _muon_inner(wrapper, config, settings, described, originals, process_group):
+def _muon_inner(wrapper, config, settings, described, originals, process_group, qk_clip=None):
     from megatron.core.optimizer import DistributedOptimizer
 
     by_param = {id(d.param): d for d in described}
@@ -205,6 +190,7 @@ def _muon_inner(wrapper, config, settings, described, originals, process_group):
         process_group=process_group,
         report_update_rms=settings.log_update_rms,
         orthogonalize=orthogonalizer(settings.ns_backend),
+        pipeline_exchange=settings.pipeline_exchange,
         **settings.optimizer_kwargs(),
     )
     wrapper.muon_routes = {d.param: d.use_muon for d in described}
@@ -212,6 +198,14 @@ def _muon_inner(wrapper, config, settings, described, originals, process_group):
         group["params"] = list(real["params"])
     wrapper.optimizer = inner
     wrapper.init_state_fn = init_muon_state
+    if qk_clip is not None:
+        entries = []
+        for gi, group in enumerate(inner.param_groups):
+            for main, model in _local_tensors(wrapper, gi, group, originals[gi]):
+                start = wrapper._get_model_param_range_map(model)["param"].start if distributed else None
+                entries.append((model, main, start))
+        qk_clip.bind_main_params(entries, sharded=distributed)
+        inner.qk_clip = qk_clip
     return wrapper
 
 
@@ -260,6 +254,9 @@ def get_muon_optimizer(
     Promise: the parameters after each step equal, within float rounding, those
     :class:`muon_megatron.Muon` computes in one process on the unsharded model with the same
     gradients, under any TP / DP / PP / EP layout, with or without the distributed optimizer.
+    With ``settings.qk_clip_threshold`` set, QK-Clip follows each step (see :mod:`.qk_clip`;
+    forward hooks on the attention modules measure the max logits, and a model whose attention
+    cannot report them is refused here, naming the module).
     Collective: every rank must call it.
     """
     from megatron.core import parallel_state as ps
@@ -273,6 +270,7 @@ def get_muon_optimizer(
     model_chunks = list(model_chunks)
     _check_supported(config, model_chunks)
     described = describe_parameters(model_chunks, settings)
+    qk_clip = build_qk_clip(model_chunks, settings)  # None unless settings.qk_clip_threshold is set
     pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks, use_gloo_process_groups)
     optimizers = []
 
@@ -285,7 +283,7 @@ def get_muon_optimizer(
     )
     optimizers.append(
         _muon_inner(wrapper, config, settings, described, originals,
-                    ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+                    ps.get_tensor_and_data_parallel_group(with_context_parallel=True), qk_clip)
     )
 
     if _any_rank_has_experts(described):  # collective: every rank takes the same branch

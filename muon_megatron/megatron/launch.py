@@ -11,32 +11,23 @@
 from __future__ import annotations
 
 import argparse
-import os
-import runpy
-import sys
 from typing import Optional, Sequence
 
+from ..launcher import add_script_arguments, run_script
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        raise SystemExit(0 if argv else 2)
-    script = argv[0]
-    if not os.path.isfile(script):
-        raise SystemExit(f"muon-megatron: training script {script!r} not found")
+
+def _install() -> None:
     from . import install
 
     install()
-    sys.argv = [script, *argv[1:]]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_script(argv, _install, __doc__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The subcommand's arguments: the training script, then everything for it."""
-    parser.add_argument("script", help="Megatron training script, e.g. pretrain_gpt.py")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    add_script_arguments(parser, "Megatron training script, e.g. pretrain_gpt.py")
 
 
 def run(args: argparse.Namespace) -> int:

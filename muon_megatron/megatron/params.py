@@ -37,7 +37,7 @@ import torch
 from ..core.routing import route_parameters
 from ..core.splits import FusedQKV, GateUp, SplitSpec, Whole
 from ..distributed.comm import collective_device
-from ..distributed.layout import ParamLayout, Rect
+from ..distributed.layout import ParamLayout, Rect, tensor_parallel_full_shape, tensor_parallel_shard
 from .config import MuonSettings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 _FC1 = re.compile(r"(^|\.)linear_fc1\.weight\d*$")
 _QKV = re.compile(r"(^|\.)linear_qkv\.weight$")
 _LEGACY_GROUPED = re.compile(r"(^|\.)experts\.weight[12]$")
+# Routed experts of megatron-core's MoE layers (SequentialMLP, TEGroupedMLP, GroupedMLP); shared
+# experts live under ``shared_experts.`` and are dense.
+_ROUTED_EXPERT = re.compile(r"(^|\.)experts\.")
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,8 @@ def _shard(name: str, p: torch.Tensor, is_expert: bool) -> tuple[tuple[int, ...]
             f"parameter {name!r}: tensor-parallel with partition_dim={dim} and shape {local}; muon-megatron "
             "handles 2-D weights split along dim 0 or 1. Route it to AdamW with --muon-adamw-params"
         )
-    full = list(local)
-    full[dim] *= tp
-    rows, cols = local
-    rect = (rank * rows, 0, rows, cols) if dim == 0 else (0, rank * cols, rows, cols)
-    return tuple(full), rect
+    full = tensor_parallel_full_shape(local, dim, tp)
+    return full, tensor_parallel_shard(full, dim, tp, rank)
 
 
 def _split_for(name: str, p: torch.Tensor, config, settings: MuonSettings, is_expert: bool) -> SplitSpec:
@@ -168,6 +168,8 @@ def describe_parameters(model_chunks: Sequence[torch.nn.Module], settings: MuonS
         )
         for name, p in named:
             is_expert = not getattr(p, "allreduce", True)
+            if not is_expert and _ROUTED_EXPERT.search(name):
+                check_expert_gradient_group(name)
             use_muon = routes[name]
             split, full_shape, shard = None, tuple(p.shape), None
             if use_muon:
@@ -177,6 +179,47 @@ def describe_parameters(model_chunks: Sequence[torch.nn.Module], settings: MuonS
             out.append(MegatronParam(f"chunk{index}.{name}", name, p, use_muon, split, full_shape, shard, is_expert))
     _check_patterns_matched(used)
     return out
+
+
+def wrong_expert_layout(tp: int, etp: int, ep: int) -> Optional[str]:
+    """Why megatron-core trains routed experts wrongly under this layout, or None.
+
+    Releases that mark expert weights as expert-parallel (``allreduce=False``) only when expert
+    parallel > 1 (megatron-core 0.16 to 0.18) keep them, with expert parallel 1, in the dense gradient
+    buffer, whose reduction runs over data parallelism. With an expert-tensor-parallel size other
+    than the tensor-parallel size that group is wrong for them: with expert TP larger, it holds
+    different shards of the same expert and averages their gradients (measured: 0.16.1, TP 1,
+    expert TP 2); with expert TP smaller, the tensor-parallel ranks holding copies of one shard see
+    different tokens (sequence parallelism) and their gradients are never combined (the same
+    reasoning; not measurable on the CPU, where MoE with TP cannot run). Releases that mark them
+    whenever the two sizes differ (0.19) reduce them over their expert-data-parallel group and are
+    right; the adapter only asks this where a parameter is still marked dense."""
+    if ep == 1 and etp != tp:
+        if etp > tp:
+            what = (f"which averages the {etp // tp} different expert-tensor-parallel shards of each expert it holds "
+                    "with each other")
+        else:
+            what = (f"which never combines the gradients of the {tp // etp} tensor-parallel ranks that hold copies of "
+                    "the same expert shard but see different tokens")
+        return (
+            f"tensor parallel {tp}, expert tensor parallel {etp} and expert parallel 1: this megatron-core keeps "
+            f"the routed experts in the dense gradient buffer and reduces their gradients over data parallelism, "
+            f"{what}, so every optimizer trains the experts wrongly. Use --expert-model-parallel-size >= 2, or "
+            f"--expert-tensor-parallel-size {tp} (equal to --tensor-model-parallel-size), or megatron-core >= 0.19"
+        )
+    return None
+
+
+def check_expert_gradient_group(name: str) -> None:
+    """ValueError when routed-expert parameter ``name``, which megatron-core reduces as a dense one
+    (``allreduce`` True), is cut over an expert-tensor-parallel group that data parallelism
+    averages (:func:`wrong_expert_layout`)."""
+    from megatron.core import parallel_state as ps
+
+    why = wrong_expert_layout(ps.get_tensor_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
+                              ps.get_expert_model_parallel_world_size())
+    if why:
+        raise ValueError(f"muon-megatron refuses this layout for {name!r}: {why}")
 
 
 def _check_patterns_matched(used: dict[str, int]) -> None:

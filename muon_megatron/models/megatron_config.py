@@ -13,7 +13,6 @@ Three views of the same architecture are produced here and nowhere else:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 from .spec import ModelSpec
 

@@ -71,6 +71,10 @@ def zero3_config(*, gas: int = 1, offload: bool = False, sub_group_size=None, **
 
 
 def _run(rank, model, cfg, *, accumulate: bool, steps=range(STEPS), masters: bool = False) -> dict:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # DeepSpeed moves a model to the accelerator itself below ZeRO-3 only; at ZeRO-3 (without
+        # zero.Init) the user does, or its parameter broadcast meets CPU tensors on NCCL.
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
     engine, _, _, _ = mmds.initialize(model=model, config=cfg)
     with base.CountNS(engine) as ns:
         if accumulate:

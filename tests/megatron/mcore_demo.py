@@ -9,8 +9,9 @@ import torch
 
 
 def demo_worker(rank, world, steps):
-    from muon_megatron import demo_engines
-    from muon_megatron.demo import _Quiet, load_corpus, sample_batch
+    from muon_megatron.demo import engines as demo_engines
+    from muon_megatron.demo.command import _Quiet
+    from muon_megatron.demo.data import load_corpus, sample_batch
 
     args = argparse.Namespace(model="moonlight-mini", seed=0, lr=1e-2, weight_decay=0.1, steps=steps, warmup=0.1,
                               batch_size=4, seq_len=32, eval_every=steps, ns_dtype_resolved=torch.float32)

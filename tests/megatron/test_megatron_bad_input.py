@@ -64,3 +64,56 @@ def test_package_never_imports_the_cpu_shim_or_megatron_at_import_time():
             if name.endswith(".py"):
                 with open(os.path.join(dirpath, name)) as f:
                     assert "cpu_shim" not in f.read(), os.path.join(dirpath, name)
+
+
+def test_expert_tp_without_expert_parallel_is_refused_where_megatron_core_averages_the_shards():
+    """Tensor parallel 1, expert tensor parallel 2, expert parallel 1. megatron-core 0.16 keeps the
+    routed experts in the dense buffer (``allreduce`` True) and its data-parallel gradient sync
+    averages the two ranks' different expert shards: the adapter refuses, naming the layout and the
+    fix. megatron-core 0.19 marks them expert-parallel and reduces them correctly: the adapter builds
+    (that layout's exactness is test_megatron_parity's moe_expert_tp2)."""
+    outcomes = run_world(mcore_bad_input.expert_tp_without_ep_worker, 2)
+    for rank, out in enumerate(outcomes):
+        assert out["shards_differ_before"] > 1e-3, out  # the two ranks hold different shards
+        kind, message = out["error"]
+        if out["reduced_as_dense"]:
+            # the sync replaced each rank's gradient with the average of the two different shards'
+            assert out["after_vs_mean_of_both_shards"] < 1e-6 < out["after_vs_own_shard_halved"], out
+            assert kind == "ValueError", f"rank {rank}: {kind}: {message}"
+            for words in ("refuses this layout", "expert tensor parallel 2", "expert parallel 1",
+                          "averages the 2 different expert-tensor-parallel shards of each expert",
+                          "--expert-model-parallel-size >= 2", "--expert-tensor-parallel-size 1"):
+                assert words in message, f"rank {rank}: {words!r} not in {message!r}"
+        else:
+            # each shard keeps its own gradient, scaled for the average over data parallelism
+            assert out["after_vs_own_shard_halved"] < 1e-6 < out["after_vs_mean_of_both_shards"], out
+            assert kind is None, f"rank {rank}: {kind}: {message}"
+
+
+@pytest.mark.parametrize("tp, etp, ep, refused", [(1, 2, 1, True), (2, 1, 1, True), (2, 2, 1, False), (1, 1, 1, False),
+                                                    (1, 2, 2, False), (2, 2, 2, False), (1, 1, 4, False)])
+def test_wrong_expert_layout_is_exactly_expert_tp_unlike_tp_without_ep(tp, etp, ep, refused):
+    from muon_megatron.megatron.params import wrong_expert_layout
+
+    assert (wrong_expert_layout(tp, etp, ep) is not None) == refused
+
+
+@pytest.mark.parametrize("version, refused", [((0, 18), True), ((0, 19), False)])
+def test_install_refuses_the_wrong_expert_layout_at_start_up_on_releases_that_train_it_wrongly(monkeypatch, version,
+                                                                                              refused):
+    import argparse
+    import importlib
+
+    install_module = importlib.import_module("muon_megatron.megatron.install")  # the package exports a function of that name
+    from muon_megatron.megatron import version as version_module
+
+    monkeypatch.setattr(version_module, "megatron_core_version", lambda: version)
+    args = argparse.Namespace(num_experts=4, tensor_model_parallel_size=1, expert_tensor_parallel_size=2,
+                              expert_model_parallel_size=1)
+    if refused:
+        with pytest.raises(ValueError, match="expert tensor parallel 2 and expert parallel 1"):
+            install_module._refuse_wrong_expert_layout(args)
+    else:
+        install_module._refuse_wrong_expert_layout(args)
+    args.expert_model_parallel_size = 2  # expert parallel: right on every release
+    install_module._refuse_wrong_expert_layout(args)
