@@ -282,40 +282,10 @@ def moe_experts_orthogonalised_each_on_its_own(rank, world, workdir):
     and the first step's update of each (momentum starts at zero) is ``scale * NS(g)`` of that expert
     alone: its singular values are either ~0 (expert gradients have the rank of the few tokens
     routed to it) or inside Moonlight's NS5 band."""
-    from deepspeed.moe.layer import MoE
-    from torch import nn
-
-    from _model import HIDDEN, VOCAB
     from muon_megatron.core.newton_schulz import MOONLIGHT_SINGULAR_VALUE_BAND
     from muon_megatron.core.update import update_scale
 
-    class Expert(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up = nn.Linear(HIDDEN, 24, bias=False)
-            self.down = nn.Linear(24, HIDDEN, bias=False)
-
-        def forward(self, x):
-            return self.down(torch.nn.functional.gelu(self.up(x)))
-
-    class MoELM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.embed = nn.Embedding(VOCAB, HIDDEN)
-            self.moe = MoE(HIDDEN, Expert(), num_experts=4, ep_size=world, k=1, min_capacity=0, capacity_factor=4.0)
-            self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
-
-        def forward(self, tokens, targets):
-            h, aux, _ = self.moe(self.embed(tokens))
-            logits = self.lm_head(h).float()
-            return nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.view(-1)) + 0.01 * aux
-
-    model = MoELM()
-    torch.manual_seed(100 + rank)  # experts on different ranks differ
-    for n, p in model.named_parameters():
-        if "experts" in n:
-            p.data.normal_(0, 0.2)
+    model = _moe_lm(world, rank)  # experts on different ranks differ
     engine, _, _, _ = mmds.initialize(model=model, config=ds_config(1, clip=0.0, params={"weight_decay": 0.0}))
     experts = {n: p for n, p in model.named_parameters() if "experts" in n}
     before = {n: p.detach().clone() for n, p in experts.items()}
